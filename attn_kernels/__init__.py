@@ -1,0 +1,35 @@
+"""attn_kernels: fused Hopper CUDA kernels for Based linear attention and sliding-window attention.
+
+Ops (semantics: spec.md; each is a torch.library custom op in the ``attn_kernels`` namespace):
+    based_prefill          causal Based linear attention over a sequence, optionally returning its state
+    based_decode           one generation step, state updated in place
+    sliding_window_decode  softmax attention of a new token over its last `window` keys (ring-buffer cache)
+CPU tensors run the PyTorch reference (attn_kernels.reference); CUDA tensors run the kernels.
+"""
+from . import reference
+from ._library import kernels_available, register_cuda_fallbacks
+from .based_decode import _reference_impl as _decode_reference
+from .based_decode import based_decode, empty_state
+from .based_prefill import _reference_impl as _prefill_reference
+from .based_prefill import based_prefill
+from .reference import state_from_expanded, state_to_expanded
+from .sliding_window_decode import _reference_impl as _swd_reference
+from .sliding_window_decode import sliding_window_decode
+
+register_cuda_fallbacks({
+    "based_prefill": _prefill_reference,
+    "based_decode": _decode_reference,
+    "sliding_window_decode": _swd_reference,
+})
+
+__all__ = [
+    "based_prefill",
+    "based_decode",
+    "sliding_window_decode",
+    "empty_state",
+    "state_to_expanded",
+    "state_from_expanded",
+    "kernels_available",
+    "reference",
+]
+__version__ = "0.1.0"

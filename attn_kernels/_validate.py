@@ -1,0 +1,88 @@
+"""Argument checks shared by the public ops. Each failure names the op, the argument, what was expected
+and what was given: TypeError for a wrong kind or dtype, ValueError for a wrong shape or value."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def tensor(op: str, name: str, t, ndim: int, last: Sequence[int] | None = None) -> torch.Tensor:
+    """t is a floating tensor of rank ndim, no empty dimension, last dim in `last` (if given), stride 1."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name}.dtype must be a floating dtype, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(t.shape)}")
+    if last is not None and t.shape[-1] not in last:
+        want = last[0] if len(last) == 1 else f"one of {tuple(last)}"
+        raise ValueError(f"{op}: {name}.shape[-1] must be {want}, got {t.shape[-1]}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name}.stride(-1) must be 1 (last dimension contiguous), got {t.stride(-1)}")
+    return t
+
+
+def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name}.shape must be {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def input_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    """All inputs share ref's dtype; on CUDA it must be one the kernels serve."""
+    for name, t in others.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name}.dtype must match {ref_name}.dtype {ref.dtype}, got {t.dtype}")
+    if ref.is_cuda and ref.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: {ref_name}.dtype must be torch.float16 or torch.bfloat16 on CUDA, got {ref.dtype}")
+
+
+def flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def positive_float(op: str, name: str, value, default: float | None = None, allow_zero: bool = False) -> float:
+    """A finite real number > 0 (>= 0 with allow_zero); None means `default` where one is given."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{op}: {name} must be finite and {bound}, got {value}")
+    return value
+
+
+def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.device,
+               cuda_dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (S (B, H, 153, e), z (B, H, 153)) pair of one dtype on `device`."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{op}: {name} must be a tuple (S, z), got {type(state).__name__}"
+                        + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
+    S = tensor(op, f"{name}[0] (S)", state[0], 4)
+    z = tensor(op, f"{name}[1] (z)", state[1], 3)
+    shape(op, f"{name}[0] (S)", S, (B, H, 153, e))
+    shape(op, f"{name}[1] (z)", z, (B, H, 153))
+    if z.dtype != S.dtype:
+        raise TypeError(f"{op}: {name}[1] (z).dtype must match {name}[0] (S).dtype {S.dtype}, got {z.dtype}")
+    if S.device != device or z.device != device:
+        raise ValueError(f"{op}: {name} must be on the inputs' device {device}, got {S.device} and {z.device}")
+    if S.is_cuda and S.dtype not in cuda_dtypes:
+        names = " or ".join(str(d) for d in cuda_dtypes)
+        raise TypeError(f"{op}: {name} dtype must be {names} on CUDA, got {S.dtype}")
+    return S, z

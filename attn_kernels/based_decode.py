@@ -1,0 +1,78 @@
+"""based_decode: one generation step of Based linear attention, state updated in place (spec.md)."""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as check
+from . import reference
+from ._library import LIB, compute_dtype
+
+OP = "based_decode"
+
+LIB.define(
+    "based_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) S, Tensor(b!) z, float scale, bool normalize, "
+    "float eps) -> Tensor"
+)
+
+
+def _reference_impl(q, k, v, S, z, scale, normalize, eps):
+    """The PyTorch reference behind the op: the CPU kernel, in float32 (float64 stays)."""
+    ct = compute_dtype(q.dtype)
+    o_ref, (S_new, z_new) = reference.based_decode_step(q.to(ct), k.to(ct), v.to(ct), (S.to(ct), z.to(ct)),
+                                                        scale=scale, normalize=normalize, eps=eps)
+    S.copy_(S_new)
+    z.copy_(z_new)
+    return torch.empty_like(v).copy_(o_ref)
+
+
+LIB.impl(OP, _reference_impl, "CPU")
+
+
+@torch.library.register_fake("attn_kernels::based_decode")
+def _fake(q, k, v, S, z, scale, normalize, eps):
+    return torch.empty_like(v)
+
+
+def empty_state(B: int, H: int, *, dtype=torch.float32, device=None):
+    """A zero Based state (S (B, H, 153, 64), z (B, H, 153)) for based_decode: float32 (default) or bfloat16
+    (half the bytes per step; see the README for its accuracy cost)."""
+    for name, n in (("B", B), ("H", H)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"empty_state: {name} must be a positive int, got {n!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        raise TypeError(f"empty_state: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    F = reference.COMPACT_FEATURES
+    return (torch.zeros(B, H, F, 64, dtype=dtype, device=device), torch.zeros(B, H, F, dtype=dtype, device=device))
+
+
+def based_decode(q, k, v, state, *, scale=None, normalize=True, eps=1e-6):
+    """One decode step: S += phi(k) v^T; z += phi(k); o = phi(q)^T S / (phi(q).z + eps).
+
+    Args:
+        q, k: (B, H, 16) float16/bfloat16 on CUDA (any float dtype on CPU), last dim contiguous.
+        v: (B, H, 64), same dtype and device.
+        state: (S (B, H, 153, 64), z (B, H, 153)), contiguous, float32 or bfloat16 (both one dtype),
+            updated in place — e.g. from ``empty_state`` or ``based_prefill(..., return_state=True)``.
+        scale: c in s = c q.k; default 1/sqrt(16). Finite, > 0.
+        normalize: divide by phi(q).z + eps (default) or return the numerator alone.
+        eps: finite, >= 0.
+
+    Returns:
+        o (B, H, 64) in the input dtype.
+    """
+    check.tensor(OP, "q", q, 3, last=(16,))
+    check.tensor(OP, "k", k, 3, last=(16,))
+    check.tensor(OP, "v", v, 3, last=(64,))
+    check.shape(OP, "k", k, q.shape)
+    check.shape(OP, "v", v, (*q.shape[:2], 64))
+    check.same_device(OP, "q", q, k=k, v=v)
+    check.input_dtype(OP, "q", q, k=k, v=v)
+    B, H = q.shape[:2]
+    S, z = check.state_pair(OP, "state", state, B, H, 64, q.device, (torch.float32, torch.bfloat16))
+    for name, t in (("state[0] (S)", S), ("state[1] (z)", z)):
+        if not t.is_contiguous():
+            raise ValueError(f"{OP}: {name} must be contiguous to be updated in place, got strides {t.stride()}")
+    scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(16))
+    check.flag(OP, "normalize", normalize)
+    eps = check.positive_float(OP, "eps", eps, allow_zero=True)
+    return torch.ops.attn_kernels.based_decode(q, k, v, S, z, scale, normalize, eps)

@@ -1,0 +1,90 @@
+"""sliding_window_decode: softmax attention of one new token over its last `window` keys, with the k/v
+caches kept as per-sequence ring buffers (spec.md)."""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as check
+from . import reference
+from ._library import LIB, compute_dtype
+
+OP = "sliding_window_decode"
+MAX_WINDOW = 256
+HEAD_DIMS = (64, 128)
+
+LIB.define(
+    "sliding_window_decode(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor positions, float scale) -> Tensor"
+)
+
+
+def _reference_impl(q, k_new, v_new, k_cache, v_cache, positions, scale):
+    """The PyTorch reference behind the op: the CPU kernel, in float32 (float64 stays)."""
+    ct = compute_dtype(q.dtype)
+    o_ref, k_out, v_out = reference.sliding_window_decode(
+        q.to(ct), k_new.to(ct), v_new.to(ct), k_cache, v_cache, positions, window=k_cache.shape[2], scale=scale)
+    k_cache.copy_(k_out)
+    v_cache.copy_(v_out)
+    return torch.empty_like(q).copy_(o_ref)
+
+
+LIB.impl(OP, _reference_impl, "CPU")
+
+
+@torch.library.register_fake("attn_kernels::sliding_window_decode")
+def _fake(q, k_new, v_new, k_cache, v_cache, positions, scale):
+    return torch.empty_like(q)
+
+
+def _can_read_values(t: torch.Tensor) -> bool:
+    """Values can be checked on the host unless tracing or capturing a CUDA graph (where a read would sync)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, window=64, scale=None):
+    """Append the new token to each sequence's ring buffer, then attend over its last `window` tokens.
+
+    Args:
+        q, k_new, v_new: (B, H, e), e in {64, 128}, float16/bfloat16 on CUDA (any float dtype on CPU).
+        k_cache, v_cache: (B, H, window, e) ring buffers, same dtype; position p lives in slot p % window.
+            Updated in place (the new token is written to slot positions[b] % window).
+        positions: (B,) int32 on the same device: the 0-based position of the new token of each sequence
+            (sequences may be at different positions). Not advanced by the op. Checked to be >= 0 except
+            under CUDA-graph capture or torch.compile, where the kernel writes NaN for a negative one.
+        window: the number of keys attended, itself included; 1..256, must equal k_cache.shape[2].
+        scale: softmax scale, default 1/sqrt(e). Finite, > 0.
+
+    Returns:
+        o (B, H, e) in the input dtype: softmax(scale q.K^T) V over positions [max(0, p - window + 1), p].
+    """
+    check.tensor(OP, "q", q, 3, last=HEAD_DIMS)
+    B, H, e = q.shape
+    check.tensor(OP, "k_new", k_new, 3)
+    check.tensor(OP, "v_new", v_new, 3)
+    check.shape(OP, "k_new", k_new, q.shape)
+    check.shape(OP, "v_new", v_new, q.shape)
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"{OP}: window must be an int, got {type(window).__name__}")
+    if not 1 <= window <= MAX_WINDOW:
+        raise ValueError(f"{OP}: window must be in [1, {MAX_WINDOW}], got {window}")
+    check.tensor(OP, "k_cache", k_cache, 4)
+    check.tensor(OP, "v_cache", v_cache, 4)
+    check.shape(OP, "k_cache", k_cache, (B, H, window, e))
+    check.shape(OP, "v_cache", v_cache, (B, H, window, e))
+    check.same_device(OP, "q", q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
+    check.input_dtype(OP, "q", q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{OP}: positions must be a torch.Tensor, got {type(positions).__name__}")
+    if positions.dtype != torch.int32:
+        raise TypeError(f"{OP}: positions.dtype must be torch.int32, got {positions.dtype}")
+    if tuple(positions.shape) != (B,):
+        raise ValueError(f"{OP}: positions.shape must be ({B},), got {tuple(positions.shape)}")
+    check.same_device(OP, "q", q, positions=positions)
+    if _can_read_values(positions):
+        smallest = int(positions.min())
+        if smallest < 0:
+            raise ValueError(f"{OP}: positions must be >= 0, got {smallest}")
+    scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(e))
+    return torch.ops.attn_kernels.sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, scale)

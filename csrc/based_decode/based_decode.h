@@ -1,0 +1,26 @@
+// Plain launcher for based_decode (semantics: spec.md). Caller (the binding) guarantees:
+// pointers 16-byte aligned, last-dim stride 1, other strides multiples of 8 elements,
+// the state contiguous, dtype in {kFloat16, kBFloat16}, state_dtype in {kFloat32, kBFloat16}.
+#pragma once
+#include "../common.h"
+
+namespace attn_kernels {
+
+struct BasedDecodeParams {
+  const void* q;  // (B, H, 16)
+  const void* k;  // (B, H, 16)
+  const void* v;  // (B, H, 64)
+  int64_t q_sb, q_sh, k_sb, k_sh, v_sb, v_sh;
+  void* S;  // (B, H, 153, 64) contiguous, state_dtype, updated in place
+  void* z;  // (B, H, 153) contiguous, state_dtype, updated in place
+  void* o;  // (B, H, 64), same dtype as q
+  int64_t o_sb, o_sh;
+  int B, H;
+  float scale, eps;
+  bool normalize;
+  DType dtype, state_dtype;
+};
+
+cudaError_t based_decode_launch(const BasedDecodeParams& p, cudaStream_t stream);
+
+}  // namespace attn_kernels

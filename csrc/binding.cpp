@@ -1,0 +1,169 @@
+// The one torch-facing file: CUDA implementations of the attn_kernels ops (schemas are defined in Python,
+// attn_kernels/_ops.py). Arguments were validated in Python; the checks here only guard direct
+// torch.ops calls against memory errors.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "based_decode/based_decode.h"
+#include "based_prefill/based_prefill.h"
+#include "sliding_window_decode/sliding_window_decode.h"
+
+namespace attn_kernels {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    default: TORCH_CHECK(false, "attn_kernels: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Kernels load 16-byte vectors: the base must be 16-byte aligned and every stride a multiple of 16 bytes.
+// A view that breaks this (an odd slice) is copied once rather than rejected: the spec allows any strides.
+at::Tensor vector_friendly(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "attn_kernels: expected a CUDA tensor");
+  TORCH_CHECK(t.stride(-1) == 1, "attn_kernels: last dimension must have stride 1");
+  const int64_t vec = 16 / t.element_size();
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.stride(d) % vec == 0 || t.size(d) == 1);
+  return ok ? t : t.contiguous();
+}
+
+// Output in the layout of `like` when that layout is dense (a (B,N,H,e) view stays (B,N,H,e) in memory).
+at::Tensor output_like(const at::Tensor& like) { return at::empty_like(like); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale, bool normalize,
+    double eps, const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, bool return_state) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == kFeatDim && k_in.sizes() == q_in.sizes(),
+              "based_prefill: q, k must be (B, H, N, 16)");
+  TORCH_CHECK(v_in.dim() == 4 && v_in.size(3) == kValueDim && v_in.sizes().slice(0, 3) == q_in.sizes().slice(0, 3),
+              "based_prefill: v must be (B, H, N, 64)");
+  TORCH_CHECK(S0.has_value() == z0.has_value(), "based_prefill: S0 and z0 go together");
+  const at::Tensor q = vector_friendly(q_in), k = vector_friendly(k_in), v = vector_friendly(v_in);
+  const int B = q.size(0), H = q.size(1), N = q.size(2);
+  at::Tensor o = output_like(v_in);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor S = return_state ? at::empty({B, H, kCompactFeatures, kValueDim}, f32) : at::empty({0}, f32);
+  at::Tensor z = return_state ? at::empty({B, H, kCompactFeatures}, f32) : at::empty({0}, f32);
+  at::Tensor S0c, z0c;
+  if (S0.has_value()) {
+    S0c = S0->to(at::kFloat).contiguous();
+    z0c = z0->to(at::kFloat).contiguous();
+    TORCH_CHECK(S0c.numel() == int64_t(B) * H * kCompactFeatures * kValueDim &&
+                    z0c.numel() == int64_t(B) * H * kCompactFeatures,
+                "based_prefill: initial state must be (B, H, 153, 64) and (B, H, 153)");
+  }
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const size_t ws_bytes = based_prefill_workspace_bytes(B, H, N, num_sms);
+  at::Tensor ws = at::empty({int64_t(ws_bytes)}, q.options().dtype(at::kByte));
+
+  BasedPrefillParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sn = v.stride(2);
+  p.o = o.data_ptr();
+  p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_sn = o.stride(2);
+  p.S0 = S0.has_value() ? S0c.data_ptr<float>() : nullptr;
+  p.z0 = S0.has_value() ? z0c.data_ptr<float>() : nullptr;
+  p.S = return_state ? S.data_ptr<float>() : nullptr;
+  p.z = return_state ? z.data_ptr<float>() : nullptr;
+  p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
+  p.B = B; p.H = H; p.N = N;
+  p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
+  p.dtype = dtype_of(q);
+  p.num_sms = num_sms;
+  C10_CUDA_CHECK(based_prefill_launch(p, at::cuda::getCurrentCUDAStream()));
+  return {o, S, z};
+}
+
+at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                             at::Tensor& S, at::Tensor& z, double scale, bool normalize, double eps) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  TORCH_CHECK(q_in.dim() == 3 && q_in.size(2) == kFeatDim && k_in.sizes() == q_in.sizes(),
+              "based_decode: q, k must be (B, H, 16)");
+  const int B = q_in.size(0), H = q_in.size(1);
+  TORCH_CHECK(v_in.dim() == 3 && v_in.size(0) == B && v_in.size(1) == H && v_in.size(2) == kValueDim,
+              "based_decode: v must be (B, H, 64)");
+  TORCH_CHECK(S.is_contiguous() && z.is_contiguous() && S.scalar_type() == z.scalar_type() &&
+                  S.numel() == int64_t(B) * H * kCompactFeatures * kValueDim &&
+                  z.numel() == int64_t(B) * H * kCompactFeatures,
+              "based_decode: state must be contiguous (B, H, 153, 64) and (B, H, 153) of one dtype");
+  const at::Tensor q = vector_friendly(q_in), k = vector_friendly(k_in), v = vector_friendly(v_in);
+  at::Tensor o = output_like(v_in);
+
+  BasedDecodeParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1);
+  p.S = S.data_ptr(); p.z = z.data_ptr();
+  p.o = o.data_ptr(); p.o_sb = o.stride(0); p.o_sh = o.stride(1);
+  p.B = B; p.H = H;
+  p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
+  p.dtype = dtype_of(q); p.state_dtype = dtype_of(S);
+  C10_CUDA_CHECK(based_decode_launch(p, at::cuda::getCurrentCUDAStream()));
+  return o;
+}
+
+at::Tensor sliding_window_decode_cuda(const at::Tensor& q_in, const at::Tensor& kn_in, const at::Tensor& vn_in,
+                                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& positions,
+                                      double scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  TORCH_CHECK(q_in.dim() == 3 && kn_in.sizes() == q_in.sizes() && vn_in.sizes() == q_in.sizes(),
+              "sliding_window_decode: q, k_new, v_new must be (B, H, e)");
+  const int B = q_in.size(0), H = q_in.size(1), e = q_in.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B &&
+                  k_cache.size(1) == H && k_cache.size(3) == e,
+              "sliding_window_decode: caches must be (B, H, window, e)");
+  TORCH_CHECK(positions.scalar_type() == at::kInt && positions.numel() == B && positions.is_cuda(),
+              "sliding_window_decode: positions must be a (B,) int32 CUDA tensor");
+  // The caches are updated in place, so they cannot be copied to fix their alignment.
+  TORCH_CHECK(vector_friendly(k_cache).data_ptr() == k_cache.data_ptr() &&
+                  vector_friendly(v_cache).data_ptr() == v_cache.data_ptr(),
+              "sliding_window_decode: caches must be 16-byte aligned with strides that are multiples of 16 bytes");
+  const at::Tensor q = vector_friendly(q_in), kn = vector_friendly(kn_in), vn = vector_friendly(vn_in);
+  const at::Tensor pos = positions.contiguous();
+  at::Tensor o = output_like(q_in);
+
+  SlidingWindowDecodeParams p{};
+  p.q = q.data_ptr(); p.k_new = kn.data_ptr(); p.v_new = vn.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1);
+  p.kn_sb = kn.stride(0); p.kn_sh = kn.stride(1);
+  p.vn_sb = vn.stride(0); p.vn_sh = vn.stride(1);
+  p.k_cache = k_cache.data_ptr(); p.v_cache = v_cache.data_ptr();
+  p.kc_sb = k_cache.stride(0); p.kc_sh = k_cache.stride(1); p.kc_sw = k_cache.stride(2);
+  p.vc_sb = v_cache.stride(0); p.vc_sh = v_cache.stride(1); p.vc_sw = v_cache.stride(2);
+  p.positions = pos.data_ptr<int32_t>();
+  p.o = o.data_ptr(); p.o_sb = o.stride(0); p.o_sh = o.stride(1);
+  p.B = B; p.H = H; p.window = k_cache.size(2); p.e = e;
+  p.scale = float(scale);
+  p.dtype = dtype_of(q);
+  C10_CUDA_CHECK(sliding_window_decode_launch(p, at::cuda::getCurrentCUDAStream()));
+  return o;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attn_kernels, CUDA, m) {
+  m.impl("based_prefill", &based_prefill_cuda);
+  m.impl("based_decode", &based_decode_cuda);
+  m.impl("sliding_window_decode", &sliding_window_decode_cuda);
+}
+
+}  // namespace attn_kernels
+
+// `import attn_kernels._C` loads this library, which registers the kernels above; it has no Python API.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,28 @@
+// Plain launcher for sliding_window_decode (semantics: spec.md). Caller (the binding) guarantees:
+// pointers 16-byte aligned, last-dim stride 1, other strides multiples of 8 elements,
+// e in {64, 128}, 1 <= window <= 256, positions >= 0 (checked on the host before the call when
+// they are on the host; on the device they are trusted), dtype in {kFloat16, kBFloat16}.
+#pragma once
+#include "../common.h"
+
+namespace attn_kernels {
+
+struct SlidingWindowDecodeParams {
+  const void* q;      // (B, H, e)
+  const void* k_new;  // (B, H, e)
+  const void* v_new;  // (B, H, e)
+  int64_t q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh;
+  void* k_cache;  // (B, H, window, e) ring buffer, updated in place at slot p % window
+  void* v_cache;  // (B, H, window, e)
+  int64_t kc_sb, kc_sh, kc_sw, vc_sb, vc_sh, vc_sw;
+  const int32_t* positions;  // (B,) on the device: 0-based position of the new token
+  void* o;                   // (B, H, e), same dtype as q
+  int64_t o_sb, o_sh;
+  int B, H, window, e;
+  float scale;
+  DType dtype;
+};
+
+cudaError_t sliding_window_decode_launch(const SlidingWindowDecodeParams& p, cudaStream_t stream);
+
+}  // namespace attn_kernels

@@ -1,0 +1,80 @@
+"""Builds attn_kernels._C (the CUDA kernels) with torch.utils.cpp_extension + ninja.
+
+Environment:
+  ATTN_KERNELS_CUDA_ARCH   gencode list, default "-gencode=arch=compute_90a,code=sm_90a" (Hopper);
+                           several flags are separated by spaces.
+  ATTN_KERNELS_NO_CUDA=1   skip the extension: a pure-Python install whose CUDA calls raise a clear error.
+  MAX_JOBS                 parallel compile jobs (ninja), as usual for torch extensions.
+Without nvcc the package installs without _C, as with ATTN_KERNELS_NO_CUDA=1.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH = "-gencode=arch=compute_90a,code=sm_90a"
+
+
+def _cuda_home():
+    """CUDA_HOME, where torch's own guess (the parent of whichever nvcc is on PATH) can be a wrapper's folder."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    for candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def _extensions():
+    if os.environ.get("ATTN_KERNELS_NO_CUDA") == "1":
+        return [], {}
+    cuda_home = _cuda_home()
+    if cuda_home is None:
+        print("attn_kernels: no CUDA toolchain found; installing without the kernels")
+        return [], {}
+    os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    include_dirs = [os.path.join(HERE, "csrc")]
+    # ATen's CUDA headers include cuBLAS/cuSPARSE headers, which pip's torch ships in its nvidia-* wheels.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
+    arch = os.environ.get("ATTN_KERNELS_CUDA_ARCH", DEFAULT_ARCH).split()
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "-lineinfo",
+        # torch adds these to every nvcc call; the kernels use the half/bf16 operators.
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        *arch,
+    ]
+    sources = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/*/*.cu"))
+    ext = CUDAExtension(
+        name="attn_kernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="attn_kernels",
+    version="0.1.0",
+    description="Fused Hopper CUDA kernels for Based linear attention and sliding-window attention",
+    packages=find_packages(include=["attn_kernels", "attn_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

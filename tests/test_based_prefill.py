@@ -1,0 +1,138 @@
+"""based_prefill against the float64 reference: the correctness matrix (GPU) and the op's plumbing (CPU)."""
+import pytest
+import torch
+
+import attn_kernels as ak
+from attn_kernels import reference as ref
+from harness import DTYPE_IDS, assert_close_rule, assert_written, nbytes, poison_allocator, randn, requires_cuda
+
+# (B, H, N): ragged lengths around the 64-token chunk, long ones, and several B*H.
+SHAPES = [(1, 1, 1), (2, 3, 63), (2, 3, 65), (1, 4, 1000), (2, 2, 4097), (3, 8, 257), (1, 64, 130)]
+LOWP_QUADRATIC_MAX = 2**27  # B*H*N^2 elements up to which the low-precision reference is the O(N^2) form
+
+
+def prior_state(B, H, device, tokens=24):
+    """A realistic float32 state: the sum over a few random earlier tokens (keeps phi(q).z0 > 0)."""
+    k, v = torch.randn(B, H, tokens, 16, device=device, dtype=torch.float64), torch.randn(
+        B, H, tokens, 64, device=device, dtype=torch.float64)
+    phi = ref.feature_map_compact(k, 0.25)
+    return (phi.transpose(-1, -2) @ v).float(), phi.sum(-2).float()
+
+
+def lowp_reference(q, k, v, **kw):
+    """PyTorch computing in the inputs' own low precision: the quadratic form where it fits in memory."""
+    B, H, N, _ = q.shape
+    form = ref.based_quadratic if B * H * N * N <= LOWP_QUADRATIC_MAX else ref.based_chunked
+    return form(q, k, v, **kw)
+
+
+def run_and_check(B, H, N, dtype, device, transposed, normalize, with_init, scale=None):
+    q = randn(B, H, N, 16, dtype=dtype, device=device, transposed=transposed)
+    k = randn(B, H, N, 16, dtype=dtype, device=device, transposed=transposed)
+    v = randn(B, H, N, 64, dtype=dtype, device=device, transposed=transposed)
+    init = prior_state(B, H, device) if with_init else None
+    if device == "cuda":
+        poison_allocator(nbytes(B, H, N, 64, dtype=dtype), nbytes(B, H, 153, 64, dtype=torch.float32),
+                         nbytes(B, H, 153, dtype=torch.float32))
+    o, (S, z) = ak.based_prefill(q, k, v, scale=scale, normalize=normalize, initial_state=init, return_state=True)
+    kw = dict(scale=scale, normalize=normalize)
+    init64 = None if init is None else tuple(t.double() for t in init)
+    o64, (S64, z64) = ref.based_chunked(q.double(), k.double(), v.double(), initial_state=init64, **kw)
+    o_lp, (S_lp, z_lp) = lowp_reference(q, k, v, initial_state=init, **kw)
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert o.stride() == v.stride(), "o is laid out like v"
+    assert_close_rule("o", o, o64, o_lp)
+    assert_close_rule("S", S, S64, S_lp, dtype=torch.float32)
+    assert_close_rule("z", z, z64, z_lp, dtype=torch.float32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("with_init", [False, True], ids=["s0", "init"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("B,H,N", [pytest.param(*s, id=f"B{s[0]}-H{s[1]}-N{s[2]}") for s in SHAPES])
+def test_matrix(B, H, N, dtype, transposed, normalize, with_init):
+    run_and_check(B, H, N, dtype, "cuda", transposed, normalize, with_init)
+
+
+@requires_cuda
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+@pytest.mark.parametrize("B,H,N", [(1, 1, 32768), (1, 2, 20000)], ids=["B1-H1-N32768", "B1-H2-N20000"])
+def test_long_sequences_split_across_blocks(B, H, N, normalize):
+    """Few heads, long N: the kernel splits the sequence over blocks and scans the chunk states."""
+    run_and_check(B, H, N, torch.bfloat16, "cuda", True, normalize, True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("scale", [0.1, 0.5])
+def test_scale_and_eps(scale):
+    run_and_check(2, 2, 100, torch.bfloat16, "cuda", False, True, False, scale=scale)
+    q, k = (torch.randn(1, 2, 70, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 2, 70, 64, device="cuda", dtype=torch.bfloat16)
+    for eps in (0.0, 10.0):
+        o = ak.based_prefill(q, k, v, scale=scale, eps=eps)
+        o64, _ = ref.based_chunked(q.double(), k.double(), v.double(), scale=scale, eps=eps)
+        o_lp, _ = ref.based_quadratic(q, k, v, scale=scale, eps=eps)
+        assert_close_rule(f"o(eps={eps})", o, o64, o_lp)
+
+
+@requires_cuda
+def test_without_return_state_gives_same_output():
+    q, k = (torch.randn(2, 4, 300, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    o_only = ak.based_prefill(q, k, v)
+    o, _ = ak.based_prefill(q, k, v, return_state=True)
+    assert isinstance(o_only, torch.Tensor)
+    torch.testing.assert_close(o_only, o, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("B,H,N", [(4, 8, 1000), (1, 2, 16384)], ids=["B4-H8-N1000", "B1-H2-N16384-split"])
+def test_bitwise_deterministic(B, H, N):
+    q, k = (torch.randn(B, H, N, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, N, 64, device="cuda", dtype=torch.bfloat16)
+    first, (S, z) = ak.based_prefill(q, k, v, return_state=True)
+    for _ in range(19):
+        o, (S2, z2) = ak.based_prefill(q, k, v, return_state=True)
+        assert torch.equal(o, first) and torch.equal(S2, S) and torch.equal(z2, z)
+
+
+@requires_cuda
+def test_prefill_then_decode_kernels_equal_longer_prefill():
+    """spec: prefill(N, return_state) + decode steps == prefill(N + T) at those positions, on the kernels."""
+    B, H, N, T = 2, 8, 1000, 20
+    q, k = (torch.randn(B, H, N + T, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, N + T, 64, device="cuda", dtype=torch.bfloat16)
+    o64, _ = ref.based_chunked(q.double(), k.double(), v.double())
+    o_lp, _ = ref.based_quadratic(q, k, v)
+    _, state = ak.based_prefill(q[:, :, :N], k[:, :, :N], v[:, :, :N], return_state=True)
+    steps = torch.stack([ak.based_decode(q[:, :, t], k[:, :, t], v[:, :, t], state) for t in range(N, N + T)], 2)
+    assert_close_rule("decode after prefill", steps, o64[:, :, N:], o_lp[:, :, N:])
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    q, k = (torch.randn(2, 4, 200, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 4, 200, 64, device="cuda", dtype=torch.bfloat16)
+    eager = ak.based_prefill(q, k, v)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ak.based_prefill(q, k, v)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_IDS.get)
+def test_cpu_op(dtype, transposed):
+    """On the CPU the op runs the reference in float32: same contract (dtypes, layouts, state)."""
+    run_and_check(2, 3, 65, dtype, "cpu", transposed, True, True)
+
+
+def test_cpu_op_writes_every_output():
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    o = ak.based_prefill(q, k, torch.randn(1, 2, 3, 64))
+    assert_written("o", o)
