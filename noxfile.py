@@ -1,0 +1,113 @@
+"""Sessions: build, test, perf, perf_save, sanitize.
+
+    nox -s build perf    the main job on a GPU box: compile the kernels, benchmark against the stored baseline
+    nox -s test          the correctness tests (GPU tests skip without a GPU)
+
+Each session runs in a virtualenv that sees the system's site-packages, so a preinstalled torch (a GPU box's
+CUDA build) is used as is; only what is missing is pip-installed. On a machine with no network and everything
+preinstalled, run `nox --no-venv ...` (or set NOX_DEFAULT_VENV_BACKEND=none) to use the current interpreter.
+The extension is built in place (attn_kernels/_C*.so) with ninja; every session builds first, which is a
+no-op when nothing changed.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import nox
+
+ROOT = pathlib.Path(__file__).parent
+BASELINES = ROOT / "perf" / "baselines"
+# Regression threshold for `nox -s perf`, from the measured run-to-run noise (perf/README.md).
+COMPARE_FAIL = os.environ.get("ATTN_KERNELS_COMPARE_FAIL", "median:10%")
+
+nox.options.sessions = ["build", "test"]
+nox.options.default_venv_backend = os.environ.get("NOX_DEFAULT_VENV_BACKEND", "virtualenv")
+VENV_PARAMS = ["--system-site-packages"]
+
+# import name -> pip requirement, installed only when the import fails
+BUILD_REQUIRES = {"torch": "torch", "ninja": "ninja", "setuptools": "setuptools>=64", "wheel": "wheel"}
+TEST_REQUIRES = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}
+
+
+def _ensure(session: nox.Session, requires: dict[str, str]) -> None:
+    missing = []
+    for module, requirement in requires.items():
+        try:
+            session.run("python", "-c", f"import {module}", silent=True, log=False)
+        except nox.command.CommandFailed:
+            missing.append(requirement)
+    if missing:
+        session.run("python", "-m", "pip", "install", *missing)
+
+
+def _build(session: nox.Session) -> None:
+    _ensure(session, BUILD_REQUIRES)
+    session.run("python", "setup.py", "-q", "build_ext", "--inplace", env={"MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))})
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def build(session: nox.Session) -> None:
+    """Compile attn_kernels._C in place (sm_90a; ATTN_KERNELS_CUDA_ARCH overrides)."""
+    _build(session)
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def test(session: nox.Session) -> None:
+    """pytest tests/ (posargs passed through). Without a GPU the CPU tests run and the GPU tests skip."""
+    _build(session)
+    _ensure(session, TEST_REQUIRES)
+    session.run("python", "-m", "pytest", "tests", *session.posargs)
+
+
+def _gpu_slug(session: nox.Session) -> str:
+    out = session.run("python", "-c", "import sys; sys.path.insert(0, 'perf'); import machine; print(machine.gpu_slug())",
+                      silent=True)
+    return out.strip().splitlines()[-1]
+
+
+def _perf_args(session: nox.Session) -> tuple[list[str], pathlib.Path]:
+    slug = _gpu_slug(session)
+    storage = BASELINES / slug
+    return [f"--benchmark-storage=file://{storage}", "--benchmark-columns=median,iqr,min,rounds",
+            "--benchmark-sort=fullname"], storage
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def perf(session: nox.Session) -> None:
+    """pytest perf/ compared with the newest stored baseline of this GPU model; fails on a median regression
+    beyond ATTN_KERNELS_COMPARE_FAIL (default from the measured noise). Without a baseline it runs and says so."""
+    _build(session)
+    _ensure(session, TEST_REQUIRES)
+    args, storage = _perf_args(session)
+    if sorted(storage.glob("*.json")):
+        args += ["--benchmark-compare", f"--benchmark-compare-fail={COMPARE_FAIL}"]
+    else:
+        session.warn(f"no stored baseline in {storage.relative_to(ROOT)}: running without a comparison "
+                     "(record one with `nox -s perf_save`)")
+    session.run("python", "-m", "pytest", "perf", *args, *session.posargs)
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def perf_save(session: nox.Session) -> None:
+    """Run the perf suite and store the result as this GPU's newest baseline (posargs: e.g. a run name)."""
+    _build(session)
+    _ensure(session, TEST_REQUIRES)
+    args, _ = _perf_args(session)
+    name = session.posargs[0] if session.posargs else "baseline"
+    session.run("python", "-m", "pytest", "perf", *args, f"--benchmark-save={name}", *session.posargs[1:])
+
+
+SANITIZE_SUBSET = "tests/test_sanitize.py"
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def sanitize(session: nox.Session) -> None:
+    """A small GPU subset (tests/test_sanitize.py, three shapes per op incl. ragged tails) under
+    compute-sanitizer memcheck, racecheck, initcheck and synccheck."""
+    _build(session)
+    _ensure(session, TEST_REQUIRES)
+    for tool in ("memcheck", "racecheck", "initcheck", "synccheck"):
+        session.run("compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
+                    "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", SANITIZE_SUBSET, *session.posargs,
+                    external=True)

@@ -1,0 +1,43 @@
+"""The small GPU subset `nox -s sanitize` runs under compute-sanitizer (memcheck, racecheck, initcheck,
+synccheck): three shapes per op, ragged tails and the split-sequence path included. Plain tests too."""
+import pytest
+import torch
+
+import attn_kernels as ak
+from harness import assert_written, requires_cuda
+
+pytestmark = requires_cuda
+
+
+@pytest.mark.parametrize("B,H,N", [(1, 2, 65), (2, 3, 1000), (1, 1, 8193)], ids=["N65", "N1000", "N8193-split"])
+def test_based_prefill(B, H, N):
+    q, k = (torch.randn(B, N, H, 16, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    v = torch.randn(B, N, H, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    init = (torch.rand(B, H, 153, 64, device="cuda"), torch.rand(B, H, 153, device="cuda") + 1)
+    o, (S, z) = ak.based_prefill(q, k, v, initial_state=init, return_state=True)
+    torch.cuda.synchronize()
+    for name, t in (("o", o), ("S", S), ("z", z)):
+        assert_written(name, t)
+
+
+@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32)],
+                         ids=["BH1", "BH21-bf16", "BH1024"])
+def test_based_decode(B, H, state_dtype):
+    q, k = (torch.randn(B, H, 16, device="cuda", dtype=torch.float16) for _ in range(2))
+    v = torch.randn(B, H, 64, device="cuda", dtype=torch.float16)
+    state = ak.empty_state(B, H, dtype=state_dtype, device="cuda")
+    o = ak.based_decode(q, k, v, state)
+    torch.cuda.synchronize()
+    assert_written("o", o)
+
+
+@pytest.mark.parametrize("W,e,positions", [(16, 64, [0, 15, 16]), (64, 128, [3, 200]), (256, 64, [255, 1000, 7])],
+                         ids=["W16-e64", "W64-e128", "W256-e64"])
+def test_sliding_window_decode(W, e, positions):
+    B, H = len(positions), 3
+    q, kn, vn = (torch.randn(B, H, e, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k_cache, v_cache = (torch.randn(B, H, W, e, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.tensor(positions, dtype=torch.int32, device="cuda")
+    o = ak.sliding_window_decode(q, kn, vn, k_cache, v_cache, pos, window=W)
+    torch.cuda.synchronize()
+    assert_written("o", o)
