@@ -1,0 +1,286 @@
+// One decode step of Based linear attention (spec.md, based_decode), state updated in place:
+//   S += phi(k) v^T;   z += phi(k);   o = phi(q)^T S / (phi(q).z + eps)   (numerator alone if !normalize)
+// The op is memory-bound: every state byte is read once and written once, with 16-byte streaming
+// accesses, all of a thread's loads in flight before the first use.
+//
+// A block owns one head and kCols = 64 / kSplit of its value columns (numerator columns are
+// independent), so a small batch spreads each head over several blocks to fill the GPU. Every block
+// computes phi(q), phi(k) and the denominator phi(q).z_new from the 153 z values itself; the block of
+// split 0 alone writes z back. The split blocks of one head form a thread-block cluster, and the z
+// write waits on a cluster barrier that every block arrives at after reading z, so no block can read
+// an already-updated z.
+#include "based_decode.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace attn_kernels {
+namespace {
+
+// 16-bit input/output elements (q, k, v, o) <-> float.
+template <typename T>
+struct Half16;
+template <>
+struct Half16<__half> {
+  static __device__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+template <>
+struct Half16<__nv_bfloat16> {
+  static __device__ float to_float(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
+  static __device__ uint16_t from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
+
+// State elements: a 16-byte access holds kVec of them; math is float32 either way.
+template <typename T>
+struct StateElem;
+template <>
+struct StateElem<float> {
+  static constexpr int kVec = 4;
+  static __device__ void unpack(uint4 u, float (&x)[4]) {
+    x[0] = __uint_as_float(u.x), x[1] = __uint_as_float(u.y);
+    x[2] = __uint_as_float(u.z), x[3] = __uint_as_float(u.w);
+  }
+  static __device__ uint4 pack(const float (&x)[4]) {
+    return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]),
+                      __float_as_uint(x[3]));
+  }
+  static __device__ float load1(const float* p) { return *p; }
+  static __device__ void store1(float* p, float x) { *p = x; }
+};
+template <>
+struct StateElem<__nv_bfloat16> {
+  static constexpr int kVec = 8;
+  static __device__ void unpack(uint4 u, float (&x)[8]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = __uint_as_float(w[i] << 16);
+      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  static __device__ uint32_t pack2(float lo, float hi) {
+    return uint32_t(Half16<__nv_bfloat16>::from_float(lo)) |
+           (uint32_t(Half16<__nv_bfloat16>::from_float(hi)) << 16);
+  }
+  static __device__ uint4 pack(const float (&x)[8]) {
+    return make_uint4(pack2(x[0], x[1]), pack2(x[2], x[3]), pack2(x[4], x[5]), pack2(x[6], x[7]));
+  }
+  static __device__ float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  static __device__ void store1(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+};
+
+template <typename In, typename St, int kSplit>
+struct DecodeTile {
+  static constexpr int kThreads = 256;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kF = kCompactFeatures;                   // state rows (153)
+  static constexpr int kVec = StateElem<St>::kVec;              // state elements per access
+  static constexpr int kCols = kValueDim / kSplit;              // value columns of one block
+  static constexpr int kVecsPerRow = kCols / kVec;              // accesses per row slice
+  static constexpr int kRowsPerPass = kThreads / kVecsPerRow;   // rows the block covers at once
+  static constexpr int kIters = (kF + kRowsPerPass - 1) / kRowsPerPass;  // accesses per thread
+  static constexpr int kFeatWarps = (kF + 31) / 32;  // warps whose threads own one feature each
+  static_assert(kValueDim % (kSplit * kVec) == 0 && 32 % kVecsPerRow == 0, "tile shape");
+  static_assert(kSplit <= 8, "portable cluster size");
+};
+
+template <typename In>
+__device__ float load_in(const In* p) {
+  return Half16<In>::to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+}
+
+// kN consecutive 16-bit inputs (8 or 16 bytes, aligned) as floats.
+template <typename In, int kN>
+__device__ void load_in_vec(const In* p, float (&x)[kN]) {
+  static_assert(kN == 4 || kN == 8, "8- or 16-byte load");
+  uint32_t w[kN / 2];
+  if constexpr (kN == 8) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+  } else {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = u.x, w[1] = u.y;
+  }
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) {
+    x[2 * i] = Half16<In>::to_float(uint16_t(w[i] & 0xffffu));
+    x[2 * i + 1] = Half16<In>::to_float(uint16_t(w[i] >> 16));
+  }
+}
+
+template <typename In, typename St, int kSplit>
+__global__ void __launch_bounds__(256) based_decode_kernel(const BasedDecodeParams p) {
+  using T = DecodeTile<In, St, kSplit>;
+  constexpr int kF = T::kF, kVec = T::kVec;
+  __shared__ float phik_s[kF], phiq_s[kF];
+  __shared__ float den_s[T::kFeatWarps];
+  __shared__ float red_s[T::kWarps][T::kCols];
+
+  const int64_t head = blockIdx.x / kSplit;  // flat b * H + h
+  const int split = blockIdx.x % kSplit;
+  const int64_t b = head / p.H, h = head % p.H;
+  const int col0 = split * T::kCols;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int cv = tid % T::kVecsPerRow;  // which 16-byte column slice of a row
+  const int row0 = tid / T::kVecsPerRow;
+
+  // Issue every state load first; nothing below the barrier depends on them until the update.
+  St* S = static_cast<St*>(p.S) + head * (kF * kValueDim) + col0 + cv * kVec;
+  uint4 s_raw[T::kIters];
+#pragma unroll
+  for (int i = 0; i < T::kIters; ++i) {
+    const int row = row0 + i * T::kRowsPerPass;
+    s_raw[i] = row < kF ? __ldcs(reinterpret_cast<const uint4*>(S + row * kValueDim))
+                        : make_uint4(0, 0, 0, 0);
+  }
+  float v[kVec];
+  load_in_vec<In, kVec>(static_cast<const In*>(p.v) + b * p.v_sb + h * p.v_sh + col0 + cv * kVec, v);
+
+  // Thread f < 153 owns feature f: phi_f(k), phi_f(q) and its term of phi(q).z_new.
+  St* z = static_cast<St*>(p.z) + head * kF;
+  float z_new = 0.f, den_part = 0.f;
+  if (tid < kF) {
+    const In* q = static_cast<const In*>(p.q) + b * p.q_sb + h * p.q_sh;
+    const In* k = static_cast<const In*>(p.k) + b * p.k_sb + h * p.k_sh;
+    float fq, fk;
+    if (tid == 0) {
+      fq = fk = 1.f;
+    } else if (tid <= kFeatDim) {
+      const float rc = sqrtf(p.scale);
+      fq = rc * load_in(q + tid - 1), fk = rc * load_in(k + tid - 1);
+    } else if (tid <= 2 * kFeatDim) {
+      const float c2 = p.scale * 0.70710678118654752f;  // c / sqrt(2)
+      const float xq = load_in(q + tid - 17), xk = load_in(k + tid - 17);
+      fq = c2 * xq * xq, fk = c2 * xk * xk;
+    } else {  // pair (i, j), i < j, row-major
+      int i = 0, r = tid - (1 + 2 * kFeatDim);
+      while (r >= kFeatDim - 1 - i) r -= kFeatDim - 1 - i, ++i;
+      const int j = i + 1 + r;
+      fq = p.scale * load_in(q + i) * load_in(q + j);
+      fk = p.scale * load_in(k + i) * load_in(k + j);
+    }
+    phik_s[tid] = fk, phiq_s[tid] = fq;
+    z_new = StateElem<St>::load1(z + tid) + fk;
+    den_part = fq * z_new;
+  }
+  if constexpr (kSplit > 1) {
+    // This block has read z (its value is used above); split 0 may overwrite it after the wait.
+    asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+  }
+  if (warp < T::kFeatWarps) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) den_part += __shfl_xor_sync(0xffffffffu, den_part, off);
+    if (lane == 0) den_s[warp] = den_part;
+  }
+  __syncthreads();
+
+  // S_new = S + phi_f(k) v (float32, stored back streaming); numerator partial sums phi_f(q) S_new.
+  float acc[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int i = 0; i < T::kIters; ++i) {
+    const int row = row0 + i * T::kRowsPerPass;
+    if (row < kF) {
+      float s[kVec];
+      StateElem<St>::unpack(s_raw[i], s);
+      const float fk = phik_s[row], fq = phiq_s[row];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        s[e] = fmaf(fk, v[e], s[e]);
+        acc[e] = fmaf(fq, s[e], acc[e]);
+      }
+      __stcs(reinterpret_cast<uint4*>(S + row * kValueDim), StateElem<St>::pack(s));
+    }
+  }
+
+  // Sum the numerator over rows: lanes of one column slice within the warp, then across warps.
+#pragma unroll
+  for (int off = T::kVecsPerRow; off < 32; off *= 2) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], off);
+  }
+  if (lane < T::kVecsPerRow) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) red_s[warp][lane * kVec + e] = acc[e];
+  }
+  __syncthreads();
+  if (tid < T::kCols) {
+    float num = 0.f;
+#pragma unroll
+    for (int w = 0; w < T::kWarps; ++w) num += red_s[w][tid];
+    if (p.normalize) {
+      float den = 0.f;
+#pragma unroll
+      for (int w = 0; w < T::kFeatWarps; ++w) den += den_s[w];
+      num = num / (den + p.eps);
+    }
+    In* o = static_cast<In*>(p.o) + b * p.o_sb + h * p.o_sh + col0 + tid;
+    *reinterpret_cast<uint16_t*>(o) = Half16<In>::from_float(num);
+  }
+
+  if constexpr (kSplit > 1) asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
+  if (split == 0 && tid < kF) StateElem<St>::store1(z + tid, z_new);
+}
+
+template <typename In, typename St, int kSplit>
+cudaError_t launch_split(const BasedDecodeParams& p, int64_t heads, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(heads * kSplit));
+  cfg.blockDim = dim3(DecodeTile<In, St, kSplit>::kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = kSplit;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  cfg.attrs = cluster;
+  cfg.numAttrs = kSplit > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, based_decode_kernel<In, St, kSplit>, p);
+}
+
+template <typename In, typename St>
+cudaError_t launch_typed(const BasedDecodeParams& p, int64_t heads, int split, cudaStream_t stream) {
+  switch (split) {
+    case 1: return launch_split<In, St, 1>(p, heads, stream);
+    case 2: return launch_split<In, St, 2>(p, heads, stream);
+    case 4: return launch_split<In, St, 4>(p, heads, stream);
+    default: return launch_split<In, St, 8>(p, heads, stream);
+  }
+}
+
+// Launch with an explicit column split (1, 2, 4 or 8 blocks per head).
+cudaError_t based_decode_launch_split(const BasedDecodeParams& p, int split, cudaStream_t stream) {
+  const int64_t heads = int64_t(p.B) * p.H;
+  if (heads == 0) return cudaSuccess;
+  const bool in_bf16 = p.dtype == DType::kBFloat16;
+  const bool st_bf16 = p.state_dtype == DType::kBFloat16;
+  cudaError_t err;
+  if (in_bf16) {
+    err = st_bf16 ? launch_typed<__nv_bfloat16, __nv_bfloat16>(p, heads, split, stream)
+                  : launch_typed<__nv_bfloat16, float>(p, heads, split, stream);
+  } else {
+    err = st_bf16 ? launch_typed<__half, __nv_bfloat16>(p, heads, split, stream)
+                  : launch_typed<__half, float>(p, heads, split, stream);
+  }
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// A small batch is latency-bound: splitting heads until there are ~64 blocks helps; more splits only
+// add redundant feature/z work and cluster scheduling (measured on H200: at B*H = 16, 4 blocks per head
+// beat 8; from B*H = 256 on, 1 block per head is fastest).
+constexpr int64_t kMinBlocks = 64;
+
+}  // namespace
+
+cudaError_t based_decode_launch(const BasedDecodeParams& p, cudaStream_t stream) {
+  const int64_t heads = int64_t(p.B) * p.H;
+  int split = 1;
+  while (split < 8 && heads * split < kMinBlocks) split *= 2;
+  return based_decode_launch_split(p, split, stream);
+}
+
+}  // namespace attn_kernels
