@@ -12,12 +12,9 @@ no-op when nothing changed.
 from __future__ import annotations
 
 import os
-import pathlib
 
 import nox
 
-ROOT = pathlib.Path(__file__).parent
-BASELINES = ROOT / "perf" / "baselines"
 # Regression threshold for `nox -s perf`, from the measured run-to-run noise (perf/README.md).
 COMPARE_FAIL = os.environ.get("ATTN_KERNELS_COMPARE_FAIL", "median:10%")
 
@@ -60,42 +57,27 @@ def test(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests", *session.posargs)
 
 
-def _gpu_slug(session: nox.Session) -> str:
-    out = session.run("python", "-c", "import sys; sys.path.insert(0, 'perf'); import machine; print(machine.gpu_slug())",
-                      silent=True)
-    return out.strip().splitlines()[-1]
-
-
-def _perf_args(session: nox.Session) -> tuple[list[str], pathlib.Path]:
-    slug = _gpu_slug(session)
-    storage = BASELINES / slug
-    return [f"--benchmark-storage=file://{storage}", "--benchmark-columns=median,iqr,min,rounds",
-            "--benchmark-sort=fullname"], storage
+# perf/conftest.py points pytest-benchmark's storage at perf/baselines/<gpu-slug>/ of the GPU it runs on.
+PERF_ARGS = ["-p", "no:cacheprovider", "--benchmark-columns=median,iqr,min,rounds", "--benchmark-sort=fullname"]
 
 
 @nox.session(venv_params=VENV_PARAMS)
 def perf(session: nox.Session) -> None:
     """pytest perf/ compared with the newest stored baseline of this GPU model; fails on a median regression
-    beyond ATTN_KERNELS_COMPARE_FAIL (default from the measured noise). Without a baseline it runs and says so."""
+    beyond ATTN_KERNELS_COMPARE_FAIL. Without a baseline for this GPU it runs and says so."""
     _build(session)
     _ensure(session, TEST_REQUIRES)
-    args, storage = _perf_args(session)
-    if sorted(storage.glob("*.json")):
-        args += ["--benchmark-compare", f"--benchmark-compare-fail={COMPARE_FAIL}"]
-    else:
-        session.warn(f"no stored baseline in {storage.relative_to(ROOT)}: running without a comparison "
-                     "(record one with `nox -s perf_save`)")
-    session.run("python", "-m", "pytest", "perf", *args, *session.posargs)
+    session.run("python", "-m", "pytest", "perf", *PERF_ARGS, "--perf-allow-missing-baseline",
+                "--benchmark-compare", f"--benchmark-compare-fail={COMPARE_FAIL}", *session.posargs)
 
 
 @nox.session(venv_params=VENV_PARAMS)
 def perf_save(session: nox.Session) -> None:
-    """Run the perf suite and store the result as this GPU's newest baseline (posargs: e.g. a run name)."""
+    """Run the perf suite and store it as this GPU's newest baseline: `nox -s perf_save -- NAME [pytest args]`."""
     _build(session)
     _ensure(session, TEST_REQUIRES)
-    args, _ = _perf_args(session)
     name = session.posargs[0] if session.posargs else "baseline"
-    session.run("python", "-m", "pytest", "perf", *args, f"--benchmark-save={name}", *session.posargs[1:])
+    session.run("python", "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-save={name}", *session.posargs[1:])
 
 
 SANITIZE_SUBSET = "tests/test_sanitize.py"

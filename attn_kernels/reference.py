@@ -9,6 +9,7 @@ The compact feature map's layout (F = 153, shared with the CUDA kernels, csrc/co
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,9 +28,15 @@ def default_scale(dim: int) -> float:
     return 1.0 / math.sqrt(dim)
 
 
+@functools.cache
+def _pairs_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (i < j) index pair on `device`, copied once (a copy per call would sync and break graph capture)."""
+    return _PAIR_I.to(device), _PAIR_J.to(device)
+
+
 def feature_map_compact(x: torch.Tensor, scale: float) -> torch.Tensor:
     """(..., 16) -> (..., 153): phi with phi(q).phi(k) = 1 + s + s^2/2, s = scale * q.k."""
-    i, j = _PAIR_I.to(x.device), _PAIR_J.to(x.device)
+    i, j = _pairs_on(x.device)
     return torch.cat(
         [
             torch.ones_like(x[..., :1]),
