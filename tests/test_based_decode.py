@@ -54,29 +54,33 @@ def test_cpu_op(state_dtype):
 @requires_cuda
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
 def test_ten_thousand_steps_drift(state_dtype, record_property):
-    """10,000 steps from a prefilled state against a float64 recurrence. The float32 state must stay within
-    1e-4 relative; the bf16 state's drift is reported (README: its accuracy cost)."""
+    """10,000 decode steps from a prefilled state against a float64 recurrence started from that same state
+    (so only the decode steps' rounding is measured). The float32 state must stay within 5e-5 relative;
+    the bf16 state's drift is reported at 100, 1,000 and 10,000 steps (README: its accuracy cost)."""
     B, H, N0, T = 2, 4, 512, 10_000
     q, k = (torch.randn(B, H, N0 + T, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(B, H, N0 + T, 64, device="cuda", dtype=torch.bfloat16)
     _, (S, z) = ak.based_prefill(q[:, :, :N0], k[:, :, :N0], v[:, :, :N0], return_state=True)
-    _, (S64, z64) = ref.based_chunked(q[:, :, :N0].double(), k[:, :, :N0].double(), v[:, :, :N0].double())
     S, z = S.to(state_dtype), z.to(state_dtype)
-    worst = 0.0
+    S64, z64 = S.double(), z.double()
+    drift = {}
     for t in range(N0, N0 + T):
         o = ak.based_decode(q[:, :, t], k[:, :, t], v[:, :, t], (S, z))
         o64, (S64, z64) = ref.based_decode_step(q[:, :, t].double(), k[:, :, t].double(), v[:, :, t].double(),
                                                 (S64, z64))
-        if t % 100 == 99 or t == N0 + T - 1:
-            worst = max(worst, max_err(o, o64) / o64.abs().max().item())
-    state_rel = max_err(S, S64) / S64.abs().max().item()
-    record_property("drift_output_rel", worst)
-    record_property("drift_state_rel", state_rel)
-    print(f"\n10k-step drift ({DTYPE_IDS[state_dtype]} state): output {worst:.2e}, state {state_rel:.2e} (relative)")
+        steps = t - N0 + 1
+        if steps in (100, 1_000, 10_000):
+            assert torch.isfinite(o).all() and torch.isfinite(S).all()
+            drift[steps] = (max_err(o, o64) / o64.abs().max().item(), max_err(S, S64) / S64.abs().max().item())
+    for steps, (o_rel, s_rel) in drift.items():
+        record_property(f"drift_{steps}_output_rel", o_rel)
+        record_property(f"drift_{steps}_state_rel", s_rel)
+    print(f"\ndecode drift, {DTYPE_IDS[state_dtype]} state (relative to max|ref|), steps: output / state: "
+          + "; ".join(f"{n}: {o:.2e} / {s:.2e}" for n, (o, s) in drift.items()))
     if state_dtype == torch.float32:
-        assert state_rel < 1e-4 and worst < 2e-2  # output: bf16 rounding of o dominates
-    else:
-        assert worst < 0.5, "bf16 state diverged"
+        o_rel, s_rel = drift[10_000]
+        assert s_rel < 5e-5, f"fp32 state drifted {s_rel:.2e} over 10,000 steps"
+        assert o_rel < 1e-2, f"fp32-state outputs drifted {o_rel:.2e} (bf16 output rounding is ~4e-3)"
 
 
 @requires_cuda
