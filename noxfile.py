@@ -86,10 +86,11 @@ SANITIZE_SUBSET = "tests/test_sanitize.py"
 @nox.session(venv_params=VENV_PARAMS)
 def sanitize(session: nox.Session) -> None:
     """A small GPU subset (tests/test_sanitize.py, three shapes per op incl. ragged tails) under
-    compute-sanitizer memcheck, racecheck, initcheck and synccheck."""
+    compute-sanitizer memcheck, racecheck, initcheck and synccheck (ATTN_KERNELS_SANITIZE_TOOLS picks some)."""
     _build(session)
     _ensure(session, TEST_REQUIRES)
-    for tool in ("memcheck", "racecheck", "initcheck", "synccheck"):
+    tools = os.environ.get("ATTN_KERNELS_SANITIZE_TOOLS", "memcheck racecheck initcheck synccheck").split()
+    for tool in tools:
         session.run("compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
                     "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", SANITIZE_SUBSET, *session.posargs,
                     external=True)

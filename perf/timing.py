@@ -301,6 +301,23 @@ def _event_time(fn: Callable[[], Any], spin_s: float) -> tuple[float, float]:
     return a.elapsed_time(b) * 1e-3, host
 
 
+def _pedantic(benchmark, work: Callable[[], Any], n_ops: int, host_s: float, rounds: int,
+              warmup_rounds: int) -> None:
+    """benchmark.pedantic over rounds of work() (n_ops op executions), each behind a spin kernel sized
+    from the previous round's enqueue time; the fixture's timer is a DeviceClock advanced by event time."""
+    clock = DeviceClock()
+    spin = [1.5 * host_s + 5e-5]
+
+    def region() -> None:
+        device_s, enqueue_s = _event_time(work, spin[0])
+        spin[0] = 1.5 * enqueue_s + 5e-5
+        clock.advance(device_s / n_ops)
+
+    benchmark._timer = clock
+    benchmark.pedantic(region, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    _verify(benchmark, clock, rounds, warmup_rounds)
+
+
 def bench_eager(benchmark, fn: Callable[..., Any], sets: Sequence[tuple], info: dict, *,
                 rounds: int, warmup_rounds: int) -> None:
     """Time fn(*sets[i]) (one op call), rotating i over the sets, as device time per call."""
@@ -319,26 +336,14 @@ def bench_eager(benchmark, fn: Callable[..., Any], sets: Sequence[tuple], info: 
         rounds = max(MIN_ROUNDS_SLOW, int(SLOW_OP_BUDGET_S / t_call))
         warmup_rounds = min(warmup_rounds, 1)
 
-    clock = DeviceClock()
-    state = {"i": 0, "spin": 1.5 * host * n_inner + 5e-5}
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    state = {"i": 0}
 
-    def region() -> None:
-        _spin(state["spin"])
-        a.record()
-        t0 = time.perf_counter()
+    def calls() -> None:
         for _ in range(n_inner):
             fn(*sets[state["i"] % n_sets])
             state["i"] += 1
-        host_s = time.perf_counter() - t0
-        b.record()
-        b.synchronize()
-        state["spin"] = 1.5 * host_s + 5e-5
-        clock.advance(a.elapsed_time(b) * 1e-3 / n_inner)
 
-    benchmark._timer = clock
-    benchmark.pedantic(region, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-    _verify(benchmark, clock, rounds, warmup_rounds)
+    _pedantic(benchmark, calls, n_inner, host * n_inner, rounds, warmup_rounds)
     _finish(benchmark, info)
 
 
@@ -385,8 +390,6 @@ def bench_graph(benchmark, step: Callable[..., Any], sets: Sequence[tuple], info
                 rounds: int, warmup_rounds: int, context: Callable[[], Any] | None = None) -> None:
     """Time step(*s) as served: one CUDA graph runs K = len(sets) steps over the rotating sets;
     reported time = replay device time / K."""
-    import torch
-
     _check_fixture(benchmark)
     g = capture_steps(step, sets, context=context)
     K = len(sets)
@@ -396,27 +399,10 @@ def bench_graph(benchmark, step: Callable[..., Any], sets: Sequence[tuple], info
         rounds = max(MIN_ROUNDS_SLOW, int(SLOW_OP_BUDGET_S / t_rep))
         warmup_rounds = min(warmup_rounds, 1)
 
-    clock = DeviceClock()
-    state = {"spin": 1.5 * host + 5e-5}
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def region() -> None:
-        _spin(state["spin"])
-        a.record()
-        t0 = time.perf_counter()
-        g.replay()
-        host_s = time.perf_counter() - t0
-        b.record()
-        b.synchronize()
-        state["spin"] = 1.5 * host_s + 5e-5
-        clock.advance(a.elapsed_time(b) * 1e-3 / K)
-
-    benchmark._timer = clock
     try:
-        benchmark.pedantic(region, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+        _pedantic(benchmark, g.replay, K, host, rounds, warmup_rounds)
     finally:
         del g
-    _verify(benchmark, clock, rounds, warmup_rounds)
     _finish(benchmark, info)
 
 
