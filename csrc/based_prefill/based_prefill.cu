@@ -5,7 +5,8 @@
 // registers) and of the output. Per chunk, all on m16n8k16 tensor-core mma:
 //   intra  W = causal(1 + cA + (cA)^2/2), A = Q K^T; o = W V; den = rowsum(W)  (input dtype)
 //          W is built once per chunk (10 16x16 blocks spread over the warps) in shared memory.
-//   inter  o += phi(Q) S, den += phi(Q).z            (bf16 operands: S and z can exceed fp16)
+//   inter  o += phi(Q) S, den += phi(Q).z            (bf16 operands: S and z can exceed fp16;
+//          fp16 inputs split both sides into bf16 hi + lo, 3 mma per product, ~16-bit operands)
 //   state  S^T += V^T phi(K), z += 1^T phi(K)        (input dtype, float32 accumulation)
 // phi(Q), phi(K) (153 compact features padded to 160) are built once per chunk in shared memory.
 // The accumulator layout of S^T is exactly the B-fragment layout that phi(Q) S needs, so the
@@ -38,7 +39,6 @@ struct Cfg {
   static constexpr int kVPitch = 72;
   static constexpr int kPhiPitch = 168;
   static constexpr int kWPitch = 72;
-  static constexpr int kOPitch = 72;
   // One segment's partial state in the workspace: S^T in fragment order, then z (160).
   static constexpr int kStateFloats = 4 * 32 * kNT * 4;
   static constexpr int kWsFloats = kStateFloats + kF;
@@ -47,13 +47,17 @@ struct Cfg {
 
 template <typename T>
 struct __align__(16) Smem {
+  // fp16 inputs: phi(Q) as bf16 hi + lo (two tiles), so the output is staged in W's tile (dead by
+  // then) to stay within two CTAs per SM.
+  static constexpr bool kSplit = std::is_same_v<T, __half>;
+  static constexpr int kO = kSplit ? 0 : 1;  // wo[kO] stages the output
   T q[2][Cfg::kChunk][Cfg::kQKPitch];  // double-buffered chunk inputs (cp.async)
   T k[2][Cfg::kChunk][Cfg::kQKPitch];
   T v[2][Cfg::kChunk][Cfg::kVPitch];
-  __nv_bfloat16 phiq[Cfg::kChunk][Cfg::kPhiPitch];
+  __nv_bfloat16 phiq[kSplit ? 2 : 1][Cfg::kChunk][Cfg::kPhiPitch];  // [0] bf16 or hi, [1] lo
   T phik[Cfg::kChunk][Cfg::kPhiPitch];
-  T w[Cfg::kChunk][Cfg::kWPitch];  // causal poly(Q K^T) of the chunk
-  T o[Cfg::kChunk][Cfg::kOPitch];  // output staging for 16-byte global stores
+  // [0] causal poly(Q K^T) of the chunk, [kO] output staging for 16-byte global stores
+  T wo[kSplit ? 1 : 2][Cfg::kChunk][Cfg::kWPitch];
   // Partial dens per row: [0..3] phi(Q).z over warp w's feature blocks, [4 + kt] rowsum of W's
   // block (m, kt) (only kt <= m is ever written).
   float den[Cfg::kChunk][8];
@@ -83,6 +87,12 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
 template <>
 __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
   return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+}
+
+// x = hi + lo to ~16 significant bits: hi = bf16(x), lo = bf16(x - hi), for a pair (a, b).
+__device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  hi = pack2<__nv_bfloat16>(a, b);
+  lo = pack2<__nv_bfloat16>(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
 }
 
 // c += a * b, m16n8k16, float32 accumulate.
@@ -191,11 +201,28 @@ __device__ __forceinline__ void store_feature_groups(Out* row, const float (&x)[
   (store_feature_group<Out, G0 + G>(row, x, one), ...);
 }
 
-// Writes feature groups [G0, G0+NG) (8 features each) of phi(x) for one token row.
-// one = 0 zeroes the constant feature of a padding token (x itself is zero-filled).
-template <typename Out, int G0, int NG, typename T>
-__device__ __forceinline__ void build_phi_row(const T* src, Out* dst, float sqrt_c, float one) {
-  float x[16];
+template <int G>
+__device__ __forceinline__ void store_feature_group_split(__nv_bfloat16* hi, __nv_bfloat16* lo,
+                                                          const float (&x)[16]) {
+  uint4 h, l;
+  split_bf16x2(feature<8 * G + 0>(x, 1.f), feature<8 * G + 1>(x, 1.f), h.x, l.x);
+  split_bf16x2(feature<8 * G + 2>(x, 1.f), feature<8 * G + 3>(x, 1.f), h.y, l.y);
+  split_bf16x2(feature<8 * G + 4>(x, 1.f), feature<8 * G + 5>(x, 1.f), h.z, l.z);
+  split_bf16x2(feature<8 * G + 6>(x, 1.f), feature<8 * G + 7>(x, 1.f), h.w, l.w);
+  *reinterpret_cast<uint4*>(hi + 8 * G) = h;
+  *reinterpret_cast<uint4*>(lo + 8 * G) = l;
+}
+
+template <int... G>
+__device__ __forceinline__ void store_feature_groups_split(__nv_bfloat16* hi, __nv_bfloat16* lo,
+                                                           const float (&x)[16],
+                                                           std::integer_sequence<int, G...>) {
+  (store_feature_group_split<G>(hi, lo, x), ...);
+}
+
+// x = sqrt(c) * src (one 16-element row) in float.
+template <typename T>
+__device__ __forceinline__ void load_scaled_row(const T* src, float sqrt_c, float (&x)[16]) {
   const uint4 a = *reinterpret_cast<const uint4*>(src);
   const uint4 b = *reinterpret_cast<const uint4*>(src + 8);
   const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
@@ -205,7 +232,24 @@ __device__ __forceinline__ void build_phi_row(const T* src, Out* dst, float sqrt
     x[2 * i] = f.x * sqrt_c;
     x[2 * i + 1] = f.y * sqrt_c;
   }
+}
+
+// Writes feature groups [G0, G0+NG) (8 features each) of phi(x) for one token row.
+// one = 0 zeroes the constant feature of a padding token (x itself is zero-filled).
+template <typename Out, int G0, int NG, typename T>
+__device__ __forceinline__ void build_phi_row(const T* src, Out* dst, float sqrt_c, float one) {
+  float x[16];
+  load_scaled_row(src, sqrt_c, x);
   store_feature_groups<Out, G0>(dst, x, one, std::make_integer_sequence<int, NG>{});
+}
+
+// All of phi(x) for one query row as bf16 hi + lo rows (features in float, then split).
+template <typename T>
+__device__ __forceinline__ void build_phi_row_split(const T* src, __nv_bfloat16* hi,
+                                                    __nv_bfloat16* lo, float sqrt_c) {
+  float x[16];
+  load_scaled_row(src, sqrt_c, x);
+  store_feature_groups_split(hi, lo, x, std::make_integer_sequence<int, Cfg::kF / 8>{});
 }
 
 // Packed variant for Out == T when sqrt(c) is a power of two (the default c = 1/4 among them):
@@ -318,6 +362,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
   using bf16 = __nv_bfloat16;
+  constexpr bool kSplit = Smem<T>::kSplit;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;    // mma fragment coordinates
@@ -424,17 +469,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           build_phi_row<T, 10, 10>(sm.k[st][r], sm.phik[r], sqrt_c, one);
       }
     } else {
-      if (warp < 2) {  // phi(Q) is bf16 whatever T is (it meets the bf16 state)
-        bool done = false;
-        if constexpr (std::is_same_v<T, bf16>) {
-          if (packed_ok) {
-            build_phi_row_packed<0, 20>(sm.q[st][tid], sm.phiq[tid], sqrt_c, 1.f);
-            done = true;
-          }
-        }
-        if (!done) build_phi_row<bf16, 0, 20>(sm.q[st][tid], sm.phiq[tid], sqrt_c, 1.f);
+      // phi(Q) meets the bf16 state: bf16, or bf16 hi + lo for fp16 inputs. That split build is
+      // the heavier one, so fp16 gives it to warps 2-3 (one W block fewer each below).
+      if ((warp < 2) != kSplit) {
+        const int r = kSplit ? tid - 64 : tid;
+        if constexpr (kSplit)
+          build_phi_row_split(sm.q[st][r], sm.phiq[0][r], sm.phiq[1][r], sqrt_c);
+        else if (packed_ok)
+          build_phi_row_packed<0, 20>(sm.q[st][r], sm.phiq[0][r], sqrt_c, 1.f);
+        else
+          build_phi_row<bf16, 0, 20>(sm.q[st][r], sm.phiq[0][r], sqrt_c, 1.f);
       } else {
-        const int r = tid - 64;
+        const int r = kSplit ? tid : tid - 64;
         const float one = t0 + r < t_end ? 1.f : 0.f;
         if (packed_ok)
           build_phi_row_packed<0, 20>(sm.k[st][r], sm.phik[r], sqrt_c, one);
@@ -461,10 +507,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           }
         }
         const int r0 = 16 * m + g, k0 = 16 * kt + 2 * t;
-        *reinterpret_cast<uint32_t*>(&sm.w[r0][k0]) = pack2<T>(ca[0], ca[1]);
-        *reinterpret_cast<uint32_t*>(&sm.w[r0 + 8][k0]) = pack2<T>(ca[2], ca[3]);
-        *reinterpret_cast<uint32_t*>(&sm.w[r0][k0 + 8]) = pack2<T>(cb[0], cb[1]);
-        *reinterpret_cast<uint32_t*>(&sm.w[r0 + 8][k0 + 8]) = pack2<T>(cb[2], cb[3]);
+        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0][k0]) = pack2<T>(ca[0], ca[1]);
+        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0 + 8][k0]) = pack2<T>(ca[2], ca[3]);
+        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0][k0 + 8]) = pack2<T>(cb[0], cb[1]);
+        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0 + 8][k0 + 8]) = pack2<T>(cb[2], cb[3]);
         if (den_on) {
           float d0 = (ca[0] + ca[1]) + (cb[0] + cb[1]), d1 = (ca[2] + ca[3]) + (cb[2] + cb[3]);
           d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
@@ -500,25 +546,39 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 #pragma unroll
         for (int kt = 0; kt <= m; ++kt) {
           uint32_t wa[4];
-          ldsm_x4(wa, &sm.w[16 * m + lr + 8 * (lj & 1)][16 * kt + 8 * (lj >> 1)]);
+          ldsm_x4(wa, &sm.wo[0][16 * m + lr + 8 * (lj & 1)][16 * kt + 8 * (lj >> 1)]);
           mma<T>(o[m][0], wa, vb[kt][0], vb[kt][1]);
           mma<T>(o[m][1], wa, vb[kt][2], vb[kt][3]);
         }
       }
 
-      // Inter-chunk: o += phi(Q) S, S rounded to bf16 straight from the accumulators.
+      // Inter-chunk: o += phi(Q) S, S rounded to bf16 straight from the accumulators. fp16
+      // inputs add hi.S_lo + lo.S_hi (lo.lo is below float32 rounding): a bf16 rounding of
+      // either side alone is coarser than the fp16 reference.
 #pragma unroll
       for (int kk = 0; kk < Cfg::kF / 16; ++kk) {
-        const uint32_t b00 = pack2<bf16>(s[2 * kk][0], s[2 * kk][1]);
-        const uint32_t b01 = pack2<bf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        const uint32_t b10 = pack2<bf16>(s[2 * kk][2], s[2 * kk][3]);
-        const uint32_t b11 = pack2<bf16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        uint32_t bh[4], bl[4];  // {b00, b01, b10, b11}: B fragments of n-tiles 2kk, 2kk+1
+        const int nt[4] = {2 * kk, 2 * kk + 1, 2 * kk, 2 * kk + 1}, e0[4] = {0, 0, 2, 2};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if constexpr (kSplit)
+            split_bf16x2(s[nt[i]][e0[i]], s[nt[i]][e0[i] + 1], bh[i], bl[i]);
+          else
+            bh[i] = pack2<bf16>(s[nt[i]][e0[i]], s[nt[i]][e0[i] + 1]);
+        }
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
           uint32_t a[4];
-          ldsm_x4(a, &sm.phiq[16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
-          mma<bf16>(o[m][0], a, b00, b01);
-          mma<bf16>(o[m][1], a, b10, b11);
+          ldsm_x4(a, &sm.phiq[0][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
+          mma<bf16>(o[m][0], a, bh[0], bh[1]);
+          mma<bf16>(o[m][1], a, bh[2], bh[3]);
+          if constexpr (kSplit) {
+            mma<bf16>(o[m][0], a, bl[0], bl[1]);
+            mma<bf16>(o[m][1], a, bl[2], bl[3]);
+            ldsm_x4(a, &sm.phiq[1][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
+            mma<bf16>(o[m][0], a, bh[0], bh[1]);
+            mma<bf16>(o[m][1], a, bh[2], bh[3]);
+          }
         }
       }
 
@@ -530,14 +590,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         for (int j = 0; j < 3; ++j) {
           const int kk = warp + 4 * j;
           if (kk < Cfg::kF / 16) {
-            const uint32_t bz0 = pack2<bf16>(zc[j][0][0], zc[j][0][1]);
-            const uint32_t bz1 = pack2<bf16>(zc[j][1][0], zc[j][1][1]);
+            uint32_t bz[2], bzl[2];  // z split like S above
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              if constexpr (kSplit)
+                split_bf16x2(zc[j][hh][0], zc[j][hh][1], bz[hh], bzl[hh]);
+              else
+                bz[hh] = pack2<bf16>(zc[j][hh][0], zc[j][hh][1]);
+            }
 #pragma unroll
             for (int m = 0; m < 4; ++m) {
               uint32_t a[4];
-              ldsm_x4(a, &sm.phiq[16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
+              ldsm_x4(a, &sm.phiq[0][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
               float d[4];
-              mma_dc<bf16>(d, a, bz0, bz1, {dz[m][0], 0.f, dz[m][1], 0.f});
+              mma_dc<bf16>(d, a, bz[0], bz[1], {dz[m][0], 0.f, dz[m][1], 0.f});
+              if constexpr (kSplit) {
+                mma<bf16>(d, a, bzl[0], bzl[1]);
+                ldsm_x4(a, &sm.phiq[1][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
+                mma<bf16>(d, a, bz[0], bz[1]);
+              }
               dz[m][0] = d[0];
               dz[m][1] = d[2];
             }
@@ -594,6 +665,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 
     if constexpr (!kStateOnly) {
       // Epilogue: normalise, stage this warp's 64 x 16 slice, store 32-byte row pieces.
+      auto& so = sm.wo[Smem<T>::kO];
 #pragma unroll
       for (int m = 0; m < 4; ++m)
 #pragma unroll
@@ -611,7 +683,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           }
 #pragma unroll
           for (int nv = 0; nv < 2; ++nv)
-            *reinterpret_cast<uint32_t*>(&sm.o[row][16 * warp + 8 * nv + 2 * t]) =
+            *reinterpret_cast<uint32_t*>(&so[row][16 * warp + 8 * nv + 2 * t]) =
                 pack2<T>(o[m][nv][2 * hr] * inv, o[m][nv][2 * hr + 1] * inv);
         }
       __syncwarp();
@@ -621,7 +693,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         const int64_t tok = t0 + row;
         if (tok < t_end)
           *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * half) =
-              *reinterpret_cast<const uint4*>(&sm.o[row][16 * warp + 8 * half]);
+              *reinterpret_cast<const uint4*>(&so[row][16 * warp + 8 * half]);
       }
     }
   }
