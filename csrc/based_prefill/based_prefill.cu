@@ -729,7 +729,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int f = 16 * (warp + 4 * j) + 8 * hh + 2 * t + e;
-          if (f < kCompactFeatures) dst_z[f] = zc[j][hh][e];
+          // The workspace copy keeps the zero padding too: the scan sums whole float4s.
+          if (f < (kStateOnly ? Cfg::kF : kCompactFeatures)) dst_z[f] = zc[j][hh][e];
         }
   }
 }
