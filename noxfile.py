@@ -15,8 +15,6 @@ import os
 
 import nox
 
-# Regression threshold for `nox -s perf`, from the measured run-to-run noise (perf/README.md).
-COMPARE_FAIL = os.environ.get("ATTN_KERNELS_COMPARE_FAIL", "median:10%")
 
 nox.options.sessions = ["build", "test"]
 nox.options.default_venv_backend = os.environ.get("NOX_DEFAULT_VENV_BACKEND", "virtualenv")
@@ -63,12 +61,18 @@ PERF_ARGS = ["-p", "no:cacheprovider", "--benchmark-columns=median,iqr,min,round
 
 @nox.session(venv_params=VENV_PARAMS)
 def perf(session: nox.Session) -> None:
-    """pytest perf/ compared with the newest stored baseline of this GPU model; fails on a median regression
-    beyond ATTN_KERNELS_COMPARE_FAIL. Without a baseline for this GPU it runs and says so."""
+    """pytest perf/, then perf/gate.py against this GPU model's newest stored baseline: fails when any
+    benchmark's median regressed beyond its own threshold, max(3%, 3x its measured run-to-run spread) from
+    perf/noise/<gpu-slug>.json, or 10% where no noise was measured (perf/README.md, "Regression gate").
+    Without a baseline for this GPU it runs and says so. `-- --benchmark-json=PATH` keeps the run's JSON."""
     _build(session)
     _ensure(session, TEST_REQUIRES)
-    session.run("python", "-m", "pytest", "perf", *PERF_ARGS, "--perf-allow-missing-baseline",
-                "--benchmark-compare", f"--benchmark-compare-fail={COMPARE_FAIL}", *session.posargs)
+    kept = [a for a in session.posargs if a.startswith("--benchmark-json=")]
+    run_json = kept[-1].split("=", 1)[1] if kept else os.path.join(session.create_tmp(), "perf-run.json")
+    pytest_args = [a for a in session.posargs if not a.startswith("--benchmark-json=")]
+    session.run("python", "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-json={run_json}", *pytest_args)
+    session.run("python", "perf/gate.py", "--baseline", "perf/baselines", "--noise", "perf/noise",
+                "--run", run_json, "--allow-missing-baseline")
 
 
 @nox.session(venv_params=VENV_PARAMS)

@@ -7,6 +7,8 @@
 * --benchmark-compare against a baseline recorded on another GPU model is a usage error.
 * --perf-allow-missing-baseline: if this GPU has no baseline yet, drop --benchmark-compare(-fail)
   and say so, instead of failing (what `nox -s perf` wants on a new machine).
+* ATTN_KERNELS_PERF_SLOWDOWN=op[,op]: attn_kernels runs those ops twice per call (timing.py), recorded
+  as machine_info["perf_slowdown"]; the gate's proof that it catches a slowed build.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ def _baseline_files(folder: Path) -> list[Path]:
 def pytest_configure(config):
     # Runs before pytest-benchmark's own (trylast) pytest_configure builds its session, so the
     # storage / compare options set here are the ones it uses.
+    if timing.slowed_ops():
+        _NOTES.append(f"perf: {timing.SLOWDOWN_ENV}={','.join(timing.slowed_ops())}: attn_kernels ran those "
+                      f"ops twice per call (a deliberately slowed build, for the gate's proof)")
     if not hasattr(config.option, "benchmark_storage"):
         return
     slug = timing.gpu_slug() if _cuda() else None
@@ -101,6 +106,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(timing.gpu_info())
+    if timing.slowed_ops():  # marks a deliberately slowed run: perf/gate.py refuses it as a baseline
+        machine_info["perf_slowdown"] = timing.slowed_ops()
 
 
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):

@@ -20,6 +20,7 @@ Run ``python perf/timing.py --slug`` to print this machine's GPU slug (baseline 
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from typing import Any, Callable, Sequence
@@ -420,7 +421,43 @@ def import_attn_kernels():
     if not ak.kernels_available():
         why = getattr(getattr(ak, "_library", None), "_C_ERROR", None)
         pytest.skip(f"attn_kernels CUDA extension not built ({why}): run `nox -s build` first")
-    return ak
+    ops = slowed_ops()
+    return _Slowed(ak, ops) if ops else ak
+
+
+# --------------------------------------------------------------------------------------------------
+# deliberate slow-down, to prove the regression gate (perf/README.md, "Regression gate")
+# --------------------------------------------------------------------------------------------------
+SLOWDOWN_ENV = "ATTN_KERNELS_PERF_SLOWDOWN"
+
+
+def slowed_ops() -> list[str]:
+    """attn_kernels ops named in ATTN_KERNELS_PERF_SLOWDOWN (comma-separated); empty when unset."""
+    return [op.strip() for op in os.environ.get(SLOWDOWN_ENV, "").split(",") if op.strip()]
+
+
+class _Slowed:
+    """attn_kernels as the perf suite sees it when ATTN_KERNELS_PERF_SLOWDOWN is set: each named op runs
+    twice per call (so twice per timed step, inside the CUDA graph too); everything else is the module's."""
+
+    def __init__(self, ak, ops: list[str]) -> None:
+        self._ak = ak
+        for op in ops:
+            fn = getattr(ak, op, None)
+            if not callable(fn):  # a typo must not yield a "nothing regressed" proof
+                raise ValueError(f"{SLOWDOWN_ENV}: attn_kernels has no op {op!r}")
+            setattr(self, op, self._twice(fn))
+
+    @staticmethod
+    def _twice(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def slowed(*args, **kwargs):
+            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return slowed
+
+    def __getattr__(self, name: str):
+        return getattr(self._ak, name)
 
 
 def runs_reference(ak, op: str) -> bool:
