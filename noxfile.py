@@ -1,4 +1,4 @@
-"""Sessions: build, test, perf, perf_save, sanitize.
+"""Sessions: build, test, perf, perf_save, plots, sanitize.
 
     nox -s build perf    the main job on a GPU box: compile the kernels, benchmark against the stored baseline
     nox -s test          the correctness tests (GPU tests skip without a GPU)
@@ -22,7 +22,7 @@ VENV_PARAMS = ["--system-site-packages"]
 
 # import name -> pip requirement, installed only when the import fails
 BUILD_REQUIRES = {"torch": "torch", "ninja": "ninja", "setuptools": "setuptools>=64", "wheel": "wheel"}
-TEST_REQUIRES = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}
+TEST_REQUIRES = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "matplotlib": "matplotlib"}
 
 
 def _ensure(session: nox.Session, requires: dict[str, str]) -> None:
@@ -82,6 +82,14 @@ def perf_save(session: nox.Session) -> None:
     _ensure(session, TEST_REQUIRES)
     name = session.posargs[0] if session.posargs else "baseline"
     session.run("python", "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-save={name}", *session.posargs[1:])
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def plots(session: nox.Session) -> None:
+    """perf/plots/<gpu>/*.png and perf/REPORT.md from the newest baseline of each GPU folder, or from the
+    runs given: `nox -s plots -- RUN.json ... [--out DIR]`. Needs no GPU and no build."""
+    _ensure(session, {"matplotlib": "matplotlib"})
+    session.run("python", "-m", "perf.report", *session.posargs)
 
 
 SANITIZE_SUBSET = "tests/test_sanitize.py"
