@@ -29,6 +29,17 @@ def tensor(op: str, name: str, t, ndim: int, last: Sequence[int] | None = None) 
     return t
 
 
+def based_qkv(op: str, q, k, v, ndim: int) -> None:
+    """Based inputs: q, k (..., 16) of one shape, v (..., 64) with q's leading dims; one device and dtype."""
+    tensor(op, "q", q, ndim, last=(16,))
+    tensor(op, "k", k, ndim, last=(16,))
+    tensor(op, "v", v, ndim, last=(64,))
+    shape(op, "k", k, q.shape)
+    shape(op, "v", v, (*q.shape[:-1], 64))
+    same_device(op, "q", q, k=k, v=v)
+    input_dtype(op, "q", q, k=k, v=v)
+
+
 def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{op}: {name}.shape must be {tuple(expected)}, got {tuple(t.shape)}")

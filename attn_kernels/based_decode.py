@@ -60,13 +60,7 @@ def based_decode(q, k, v, state, *, scale=None, normalize=True, eps=1e-6):
     Returns:
         o (B, H, 64) in the input dtype.
     """
-    check.tensor(OP, "q", q, 3, last=(16,))
-    check.tensor(OP, "k", k, 3, last=(16,))
-    check.tensor(OP, "v", v, 3, last=(64,))
-    check.shape(OP, "k", k, q.shape)
-    check.shape(OP, "v", v, (*q.shape[:2], 64))
-    check.same_device(OP, "q", q, k=k, v=v)
-    check.input_dtype(OP, "q", q, k=k, v=v)
+    check.based_qkv(OP, q, k, v, ndim=3)
     B, H = q.shape[:2]
     S, z = check.state_pair(OP, "state", state, B, H, 64, q.device, (torch.float32, torch.bfloat16))
     for name, t in (("state[0] (S)", S), ("state[1] (z)", z)):

@@ -69,13 +69,7 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
         S (B, H, 153, 64) and z (B, H, 153) are float32 (float64 for float64 CPU inputs), the compact
         state that ``based_decode`` takes.
     """
-    check.tensor(OP, "q", q, 4, last=(16,))
-    check.tensor(OP, "k", k, 4, last=(16,))
-    check.tensor(OP, "v", v, 4, last=(64,))
-    check.shape(OP, "k", k, q.shape)
-    check.shape(OP, "v", v, (*q.shape[:3], 64))
-    check.same_device(OP, "q", q, k=k, v=v)
-    check.input_dtype(OP, "q", q, k=k, v=v)
+    check.based_qkv(OP, q, k, v, ndim=4)
     scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(16))
     check.flag(OP, "normalize", normalize)
     eps = check.positive_float(OP, "eps", eps, allow_zero=True)
