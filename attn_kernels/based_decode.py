@@ -41,8 +41,7 @@ def empty_state(B: int, H: int, *, dtype=torch.float32, device=None):
             raise ValueError(f"empty_state: {name} must be a positive int, got {n!r}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float64):
         raise TypeError(f"empty_state: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    F = reference.COMPACT_FEATURES
-    return (torch.zeros(B, H, F, 64, dtype=dtype, device=device), torch.zeros(B, H, F, dtype=dtype, device=device))
+    return reference.zero_state(B, H, dtype=dtype, device=device)
 
 
 def based_decode(q, k, v, state, *, scale=None, normalize=True, eps=1e-6):

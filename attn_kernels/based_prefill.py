@@ -15,13 +15,9 @@ LIB.define(
 )
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _empty_outputs(q, v, return_state):
     B, H = q.shape[:2]
-    sd = _state_dtype(q.dtype)
+    sd = compute_dtype(q.dtype)  # the state keeps the reference's precision: float32, float64 stays
     if return_state:
         return (torch.empty_like(v), q.new_empty(B, H, reference.COMPACT_FEATURES, v.shape[-1], dtype=sd),
                 q.new_empty(B, H, reference.COMPACT_FEATURES, dtype=sd))

@@ -9,7 +9,6 @@ The compact feature map's layout (F = 153, shared with the CUDA kernels, csrc/co
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -28,15 +27,9 @@ def default_scale(dim: int) -> float:
     return 1.0 / math.sqrt(dim)
 
 
-@functools.cache
-def _pairs_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (i < j) index pair on `device`, copied once (a copy per call would sync and break graph capture)."""
-    return _PAIR_I.to(device), _PAIR_J.to(device)
-
-
 def feature_map_compact(x: torch.Tensor, scale: float) -> torch.Tensor:
     """(..., 16) -> (..., 153): phi with phi(q).phi(k) = 1 + s + s^2/2, s = scale * q.k."""
-    i, j = _pairs_on(x.device)
+    i, j, _, _ = _indices_on(x.device)
     return torch.cat(
         [
             torch.ones_like(x[..., :1]),
@@ -73,12 +66,22 @@ def _compact_to_expanded_index() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _EXP_SRC, _EXP_FACTOR = _compact_to_expanded_index()
+_INDICES: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+
+def _indices_on(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(pair i, pair j, expanded source, expanded factor) on `device`, copied once: a host-to-device copy
+    per call would sync and break CUDA-graph capture. A plain dict, so torch.compile traces the lookup."""
+    if device not in _INDICES:
+        _INDICES[device] = tuple(t.to(device) for t in (_PAIR_I, _PAIR_J, _EXP_SRC, _EXP_FACTOR))
+    return _INDICES[device]
 
 
 def state_to_expanded(S: torch.Tensor, z: torch.Tensor) -> State:
     """Compact state (B, H, 153, e), (B, H, 153) -> the Based model's expanded layout:
     kv_state (B, H, 1, e, 273) and k_state (B, H, 1, 1, 273), with identical inner products."""
-    src, factor = _EXP_SRC.to(S.device), _EXP_FACTOR.to(S.device, S.dtype)
+    _, _, src, factor = _indices_on(S.device)
+    factor = factor.to(S.dtype)
     S_exp = S[..., src, :] * factor[:, None]
     z_exp = z[..., src] * factor
     return S_exp.transpose(-1, -2).unsqueeze(-3), z_exp[..., None, None, :]
@@ -88,7 +91,8 @@ def state_from_expanded(kv_state: torch.Tensor, k_state: torch.Tensor) -> State:
     """Inverse of state_to_expanded for any expanded state (symmetrises the quadratic block)."""
     S_exp = kv_state.squeeze(-3).transpose(-1, -2)  # (B, H, 273, e)
     z_exp = k_state.squeeze(-2).squeeze(-2)  # (B, H, 273)
-    src, factor = _EXP_SRC.to(S_exp.device), _EXP_FACTOR.to(S_exp.device, S_exp.dtype)
+    _, _, src, factor = _indices_on(S_exp.device)
+    factor = factor.to(S_exp.dtype)
     S = torch.zeros(*S_exp.shape[:-2], COMPACT_FEATURES, S_exp.shape[-1], dtype=S_exp.dtype, device=S_exp.device)
     z = torch.zeros(*z_exp.shape[:-1], COMPACT_FEATURES, dtype=z_exp.dtype, device=z_exp.device)
     S.index_add_(-2, src, S_exp * factor[:, None])
@@ -134,18 +138,16 @@ def based_decode_step(q, k, v, state: State, *, scale=None, normalize=True, eps=
     return _finish(num, den, normalize, eps), (S, z)
 
 
-def empty_state_like(q: torch.Tensor, e: int = VALUE_DIM, dtype=None) -> State:
-    B, H = q.shape[:2]
-    dtype = q.dtype if dtype is None else dtype
-    return (
-        torch.zeros(B, H, COMPACT_FEATURES, e, dtype=dtype, device=q.device),
-        torch.zeros(B, H, COMPACT_FEATURES, dtype=dtype, device=q.device),
-    )
+def zero_state(B: int, H: int, *, e: int = VALUE_DIM, dtype=torch.float32, device=None) -> State:
+    """A zero state (S (B, H, 153, e), z (B, H, 153))."""
+    return (torch.zeros(B, H, COMPACT_FEATURES, e, dtype=dtype, device=device),
+            torch.zeros(B, H, COMPACT_FEATURES, dtype=dtype, device=device))
 
 
 def based_recurrent(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_state: State | None = None):
     """Token-by-token form (O(N) Python loop: small N only). Same signature and result as based_quadratic."""
-    state = empty_state_like(q, v.shape[-1]) if initial_state is None else initial_state
+    state = (zero_state(*q.shape[:2], e=v.shape[-1], dtype=q.dtype, device=q.device) if initial_state is None
+             else initial_state)
     outs = []
     for t in range(q.shape[-2]):
         o, state = based_decode_step(q[..., t, :], k[..., t, :], v[..., t, :], state, scale=scale,
@@ -159,7 +161,8 @@ def based_chunked(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
     """Chunked form, the kernels' algorithm: quadratic inside a chunk, the compact state across chunks.
     O(N * chunk) memory. Same signature and result as based_quadratic."""
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    S, z = empty_state_like(q, v.shape[-1]) if initial_state is None else initial_state
+    S, z = (zero_state(*q.shape[:2], e=v.shape[-1], dtype=q.dtype, device=q.device) if initial_state is None
+            else initial_state)
     S, z = S.to(q.dtype), z.to(q.dtype)
     n = q.shape[-2]
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
