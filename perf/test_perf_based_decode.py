@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import timing
+from attn_kernels.reference import feature_map_compact, feature_map_expanded
 
 OP = "based_decode"
 D, E = 16, 64
@@ -36,16 +37,9 @@ _STATE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ---- the PyTorch peer: eager decode step on the 273-wide expanded map, fp32 state ----------------
-def expanded_feature_map(x, scale: float):
-    """(..., 16) -> (..., 273): [1, sqrt(c) x, c vec(x x^T) / sqrt(2)] (spec.md, Based's TaylorExp)."""
-    outer = (x[..., :, None] * x[..., None, :]).flatten(-2)
-    one = torch.ones_like(x[..., :1])
-    return torch.cat([one, math.sqrt(scale) * x, (scale / math.sqrt(2.0)) * outer], -1)
-
-
 def torch_decode_273(q, k, v, S, z, scale: float, eps: float):
     """q, k (B, H, 16), v (B, H, e); S (B, H, 273, e), z (B, H, 273) float32, updated in place."""
-    phi_q, phi_k = expanded_feature_map(q.float(), scale), expanded_feature_map(k.float(), scale)
+    phi_q, phi_k = feature_map_expanded(q.float(), scale), feature_map_expanded(k.float(), scale)
     S.add_(phi_k.unsqueeze(-1) * v.float().unsqueeze(-2))
     z.add_(phi_k)
     num = (phi_q.unsqueeze(-2) @ S).squeeze(-2)
@@ -108,7 +102,7 @@ def _impl(impl: str, state: str, B: int, H: int):
             # kernel updates S (written to a new fp32 buffer) and gives the numerator phi(q).S'; the
             # caller updates z and divides -- what fla's normalize=True does, minus its autotuned
             # cumsum kernel (48 configs re-tuned for every B, H: ~40 s per fresh machine).
-            fq, fk = timing.compact_feature_map(q, SCALE), timing.compact_feature_map(k, SCALE)
+            fq, fk = feature_map_compact(q, SCALE), feature_map_compact(k, SCALE)
             num, _ = m.fused_recurrent_linear_attn(fq, fk, v, scale=1.0, initial_state=S,
                                                    output_final_state=True, normalize=False)
             z_new = z + fk.float()

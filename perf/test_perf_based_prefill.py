@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import timing
+from attn_kernels.reference import feature_map_compact
 
 OP = "based_prefill"
 D, E = 16, 64
@@ -49,7 +50,7 @@ def based_chunked_loopfree(q, k, v, scale: float, normalize: bool, eps: float, c
     w = (1 + s + 0.5 * s * s).masked_fill(~causal, 0)
     num = w @ vc
     den = w.float().sum(-1)
-    phi_q, phi_k = timing.compact_feature_map(qc, scale), timing.compact_feature_map(kc, scale)
+    phi_q, phi_k = feature_map_compact(qc, scale), feature_map_compact(kc, scale)
     kv = (phi_k.transpose(-1, -2) @ vc).float()  # (B, H, nc, F, e) per-chunk state
     ks = phi_k.float().sum(-2)  # (B, H, nc, F)
     S = (kv.cumsum(2) - kv).to(q.dtype)  # exclusive prefix: state before each chunk
@@ -66,7 +67,7 @@ _COMPILED: dict = {}
 
 def _compiled_loopfree():
     if "fn" not in _COMPILED:
-        timing.compact_feature_map(torch.ones(1, D, device="cuda"), SCALE)  # cache the index tensors first
+        feature_map_compact(torch.ones(1, D, device="cuda"), SCALE)  # cache the index tensors first
         _COMPILED["fn"] = torch.compile(based_chunked_loopfree, dynamic=False, fullgraph=True)
     return _COMPILED["fn"]
 
@@ -123,7 +124,7 @@ def _impl(impl: str, mode: str):
             pytest.skip("fla_fused_recurrent is benchmarked normalized only")
 
         def run(q, k, v):
-            fq, fk = timing.compact_feature_map(q, SCALE), timing.compact_feature_map(k, SCALE)
+            fq, fk = feature_map_compact(q, SCALE), feature_map_compact(k, SCALE)
             num = m.fused_recurrent_linear_attn(fq, fk, v, scale=1.0, normalize=False)[0]
             den = (fq.float() * torch.cumsum(fk, dim=1, dtype=torch.float32)).sum(-1, keepdim=True)
             return (num.float() / (den + EPS)).to(q.dtype)

@@ -502,26 +502,6 @@ def peer_errors_skip(impl: str, ak=None, op: str | None = None):
         pytest.skip(f"{impl}: failed on this machine: {type(exc).__name__}: {str(exc)[:400]}")
 
 
-_PAIR_CACHE: dict = {}
-
-
-def compact_feature_map(x, scale: float):
-    """The reference's compact (153) Taylor map, with its index tensors kept on the device (the
-    reference moves them host -> device on every call, which syncs and cannot be graph-captured)."""
-    import torch
-
-    key = x.device
-    if key not in _PAIR_CACHE:
-        i, j = torch.triu_indices(x.shape[-1], x.shape[-1], offset=1)
-        _PAIR_CACHE[key] = (i.to(x.device), j.to(x.device))
-    i, j = _PAIR_CACHE[key]
-    return torch.cat(
-        [torch.ones_like(x[..., :1]), math.sqrt(scale) * x, (scale / math.sqrt(2.0)) * x * x,
-         scale * x[..., i] * x[..., j]],
-        dim=-1,
-    )
-
-
 def randn(*shape, dtype, device="cuda", std: float = 1.0):
     import torch
 
