@@ -2,6 +2,7 @@
 
 - ``randn``: fresh random inputs (never zeros), optionally laid out (B, N, H, D) and passed as the
   (B, H, N, D) transposed view, the layout models hold them in.
+- ``prior_state``: a Based state summed over random earlier tokens, for initial-state cases.
 - ``poison_allocator``: fills the CUDA caching allocator's next blocks with NaN, so an output element the
   kernel fails to write shows up as NaN (``assert_written``).
 - ``assert_close_rule``: flash-attn's rule — the kernel's error against a float64 reference must be at most
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from attn_kernels import reference as ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -29,6 +32,14 @@ def randn(*shape, dtype, device, transposed: bool = False, scale: float = 1.0) -
         # (B, H, D): heads-major storage (H, B, D), a strided view over B
         return (scale * torch.randn(H, B, *rest, device=device)).to(dtype).transpose(0, 1)
     return (scale * torch.randn(*shape, device=device)).to(dtype)
+
+
+def prior_state(B: int, H: int, device, dtype=torch.float32, tokens: int = 24):
+    """A realistic Based state (S, z): the sum over a few random earlier tokens (keeps phi(q).z > 0)."""
+    k = torch.randn(B, H, tokens, 16, device=device, dtype=torch.float64)
+    v = torch.randn(B, H, tokens, 64, device=device, dtype=torch.float64)
+    phi = ref.feature_map_compact(k, 0.25)
+    return (phi.transpose(-1, -2) @ v).to(dtype), phi.sum(-2).to(dtype)
 
 
 def poison_allocator(*numels_bytes: int, copies: int = 4) -> None:

@@ -5,22 +5,16 @@ import torch
 
 import attn_kernels as ak
 from attn_kernels import reference as ref
-from harness import DTYPE_IDS, assert_close_rule, max_err, nbytes, poison_allocator, randn, requires_cuda
+from harness import (DTYPE_IDS, assert_close_rule, max_err, nbytes, poison_allocator, prior_state, randn,
+                     requires_cuda)
 
 BH = [(1, 1), (2, 8), (40, 25), (128, 128)]  # B*H = 1, 16, 1000, 16384
-
-
-def prior_state(B, H, device, dtype, tokens=8):
-    k = torch.randn(B, H, tokens, 16, device=device, dtype=torch.float64)
-    v = torch.randn(B, H, tokens, 64, device=device, dtype=torch.float64)
-    phi = ref.feature_map_compact(k, 0.25)
-    return (phi.transpose(-1, -2) @ v).to(dtype), phi.sum(-2).to(dtype)
 
 
 def run_and_check(B, H, dtype, state_dtype, normalize, transposed, device):
     q, k = (randn(B, H, 16, dtype=dtype, device=device, transposed=transposed) for _ in range(2))
     v = randn(B, H, 64, dtype=dtype, device=device, transposed=transposed)
-    S, z = prior_state(B, H, device, state_dtype)
+    S, z = prior_state(B, H, device, state_dtype, tokens=8)
     S_in, z_in = S.clone(), z.clone()
     if device == "cuda":
         poison_allocator(nbytes(B, H, 64, dtype=dtype))

@@ -4,19 +4,12 @@ import torch
 
 import attn_kernels as ak
 from attn_kernels import reference as ref
-from harness import DTYPE_IDS, assert_close_rule, assert_written, nbytes, poison_allocator, randn, requires_cuda
+from harness import (DTYPE_IDS, assert_close_rule, assert_written, nbytes, poison_allocator, prior_state, randn,
+                     requires_cuda)
 
 # (B, H, N): ragged lengths around the 64-token chunk, long ones, and several B*H.
 SHAPES = [(1, 1, 1), (2, 3, 63), (2, 3, 65), (1, 4, 1000), (2, 2, 4097), (3, 8, 257), (1, 64, 130)]
 LOWP_QUADRATIC_MAX = 2**27  # B*H*N^2 elements up to which the low-precision reference is the O(N^2) form
-
-
-def prior_state(B, H, device, tokens=24):
-    """A realistic float32 state: the sum over a few random earlier tokens (keeps phi(q).z0 > 0)."""
-    k, v = torch.randn(B, H, tokens, 16, device=device, dtype=torch.float64), torch.randn(
-        B, H, tokens, 64, device=device, dtype=torch.float64)
-    phi = ref.feature_map_compact(k, 0.25)
-    return (phi.transpose(-1, -2) @ v).float(), phi.sum(-2).float()
 
 
 def lowp_reference(q, k, v, **kw):
