@@ -290,10 +290,11 @@ def _generation_plot(run: Run, path: Path) -> None:
         tps = {b.shape: b.tokens_per_s for b in benches if b.impl == impl}
         xs = [k + (i - (len(impls) - 1) / 2) * width for k, s in enumerate(shapes) if s in tps]
         ax.bar(xs, [tps[s] for s in shapes if s in tps], width=width, color=cmap(i % 10), label=impl)
-    for k, (_, _, best, ratio) in enumerate(generation_rows(run)):
-        if ratio:
-            ax.annotate(f"based = {ratio:.1f}× {best}", (k, 0), xytext=(0, -28), textcoords="offset points",
-                        ha="center", fontsize=8, xycoords=("data", "axes fraction"))
+    for k, (_, _, best, ratios) in enumerate(generation_rows(run)):
+        if ratios:
+            text = "\n".join(f"{i} = {r:.1f}× {best}" for i, r in sorted(ratios.items()))
+            ax.annotate(text, (k, 0), xytext=(0, -28), textcoords="offset points", ha="center", va="top",
+                        fontsize=8, xycoords=("data", "axes fraction"))
     ax.set_xticks(range(len(shapes)), [shape_label(s) for s in shapes])
     ax.set_ylabel("tokens/s (B / time per step)")  # linear: bar heights compare directly
     ax.grid(True, axis="y", alpha=0.3)
@@ -333,36 +334,41 @@ def _op_table(benches: list[Bench]) -> list[str]:
     return lines
 
 
-def generation_rows(run: Run) -> list[tuple[tuple, dict[str, float], str | None, float | None]]:
-    """Per based_generation shape: (shape, {impl: tokens/s}, faster softmax impl, Based / that ratio)."""
+def generation_rows(run: Run) -> list[tuple[tuple, dict[str, float], str | None, dict[str, float]]]:
+    """Per based_generation shape: (shape, {impl: tokens/s}, faster softmax impl, {Based impl: its tokens/s
+    over that softmax's})."""
     benches = [b for b in run.select("based_generation") if b.tokens_per_s]
     rows = []
     for shape in sorted({b.shape for b in benches}):
         tps = {b.impl: b.tokens_per_s for b in benches if b.shape == shape}
         softmax = {i: t for i, t in tps.items() if i.startswith("softmax")}
         best = min(softmax, key=lambda i: (-softmax[i], i)) if softmax else None
-        ratio = tps["based"] / softmax[best] if best and "based" in tps else None
-        rows.append((shape, tps, best, ratio))
+        ratios = {i: t / softmax[best] for i, t in tps.items() if best and i.startswith("based")}
+        rows.append((shape, tps, best, ratios))
     return rows
 
 
 def _generation_section(run: Run) -> list[str]:
     rows = generation_rows(run)
-    impls = sorted({i for _, tps, _, _ in rows for i in tps}, key=lambda i: (i != "based", i))
+    impls = sorted({i for _, tps, _, _ in rows for i in tps}, key=lambda i: (not i.startswith("based"), i))
+    based = [i for i in impls if i.startswith("based")]
     lines = [
         "### Generation throughput (op `based_generation`)",
         "",
-        "Tokens/s of one mixer layer = B / time per decode step. Based mixer: `based_decode` (fp32 state) + "
-        "`sliding_window_decode` (W=64); softmax mixer: SDPA over a full KV cache of `ctx` tokens. The ratio "
-        "is Based over the faster softmax backend of the same run.",
+        "Tokens/s of one mixer layer = B / time per decode step. Based mixer: `based_decode` + "
+        "`sliding_window_decode` (W=64); `based` keeps the decode state in fp32 (the default), "
+        "`based_state_bf16` in bf16. Softmax mixer: SDPA over a full KV cache of `ctx` tokens. Each ratio "
+        "is that Based variant over the faster softmax backend of the same run.",
         "",
-        "| shape | " + " | ".join(f"{i} tok/s" for i in impls) + " | faster softmax | Based ÷ softmax |",
-        "|---|" + "--:|" * len(impls) + "---|--:|",
+        "| shape | " + " | ".join(f"{i} tok/s" for i in impls) + " | faster softmax | " +
+        " | ".join(f"{i} ÷ softmax" for i in based) + " |",
+        "|---|" + "--:|" * len(impls) + "---|" + "--:|" * len(based),
     ]
-    for shape, tps, best, ratio in rows:
+    for shape, tps, best, ratios in rows:
         cells = [f"{tps[i]:,.0f}" if i in tps else "—" for i in impls]
-        lines.append(f"| {shape_label(shape)} | " + " | ".join(cells) +
-                     f" | {best or '—'} | {f'{ratio:.2f}×' if ratio else '—'} |")
+        ratio_cells = [f"{ratios[i]:.2f}×" if i in ratios else "—" for i in based]
+        lines.append(f"| {shape_label(shape)} | " + " | ".join(cells) + f" | {best or '—'} | " +
+                     " | ".join(ratio_cells) + " |")
     return lines
 
 

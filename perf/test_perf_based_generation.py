@@ -1,8 +1,10 @@
 """based_generation: one decode step of one mixer layer, Based vs softmax attention, as generation runs it.
 
-* `based`: the Based mixer's step, `ak.based_decode` (fp32 state) + `ak.sliding_window_decode` (W = 64,
-  append included). Its cost does not depend on the context; it is timed at each context anyway, so each
-  context's comparison comes from one run.
+* `based`: the Based mixer's step, `ak.based_decode` (fp32 state, the default) + `ak.sliding_window_decode`
+  (W = 64, append included). Its cost does not depend on the context; it is timed at each context anyway, so
+  each context's comparison comes from one run.
+* `based_state_bf16`: the same with the bf16 decode state (half the state bytes; it drifts over long
+  generations, README "Decode state precision").
 * `softmax_sdpa_cudnn`, `softmax_sdpa_flash`: softmax attention of the new token over a full KV cache of
   `ctx` tokens, `F.scaled_dot_product_attention(q (B,H,1,e), K, V (B,H,ctx,e))` with the backend forced.
   Attention only: appending the new key/value to the cache is left out (it favours softmax, slightly).
@@ -28,7 +30,8 @@ W = 64  # the Based mixer's sliding window
 DTYPE = torch.bfloat16
 EPS = 1e-6
 CONTEXTS = [2048, 8192]
-IMPLS = ["based", "softmax_sdpa_cudnn", "softmax_sdpa_flash"]
+BASED_STATE = {"based": torch.float32, "based_state_bf16": torch.bfloat16}  # impl -> decode state dtype
+IMPLS = [*BASED_STATE, "softmax_sdpa_cudnn", "softmax_sdpa_flash"]
 CASES = [pytest.param(impl, ctx, id=f"{impl}-B{B}-H{H}-ctx{ctx}-bf16") for ctx in CONTEXTS for impl in IMPLS]
 
 _TOKENS_PER_S: dict[int, dict[str, float]] = {}  # ctx -> impl -> tokens/s, for the session-end ratio line
@@ -45,13 +48,15 @@ def _impl(impl: str, ctx: int):
     """-> (step(*set), make_set(), bytes per set, (bytes, flops) per step, context factory or None,
     attn_kernels module for ours else None)."""
     r = lambda *s: timing.randn(*s, dtype=DTYPE)  # noqa: E731
-    if impl == "based":
+    if impl in BASED_STATE:
         ak = timing.import_attn_kernels()
         F = timing.F_COMPACT
+        state_dtype = BASED_STATE[impl]
+        state_itemsize = torch.empty((), dtype=state_dtype).element_size()
 
         def make():
-            S = timing.randn(B, H, F, E, dtype=torch.float32, std=0.1)
-            z = timing.randn(B, H, F, dtype=torch.float32, std=0.1)
+            S = timing.randn(B, H, F, E, dtype=state_dtype, std=0.1)
+            z = timing.randn(B, H, F, dtype=state_dtype, std=0.1)
             z[..., 0] = 100.0  # the constant feature ~ tokens seen: a plausible denominator
             # every sequence at the same context; the new token is its last one
             pos = torch.full((B,), ctx - 1, dtype=torch.int32, device="cuda")
@@ -62,9 +67,9 @@ def _impl(impl: str, ctx: int):
             o = ak.based_decode(q, k, v, (S, z), eps=EPS)
             return o, ak.sliding_window_decode(qw, kw, vw, kc, vc, pos, window=W)
 
-        dec_bytes, dec_flops = timing.decode_cost(B, H, state_itemsize=4, d=D, e=E)
+        dec_bytes, dec_flops = timing.decode_cost(B, H, state_itemsize=state_itemsize, d=D, e=E)
         win_bytes, win_flops = timing.sliding_window_cost(B, H, W, E)
-        footprint = B * H * (F * E + F) * 4 + B * H * W * E * 2 * 2  # fp32 state + the window's K and V
+        footprint = B * H * (F * E + F) * state_itemsize + B * H * W * E * 2 * 2  # state + window's K, V
         return step, make, footprint, (dec_bytes + win_bytes, dec_flops + win_flops), None, ak
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -80,17 +85,19 @@ def _impl(impl: str, ctx: int):
 
 
 class _RatioSummary:
-    """pytest plugin (registered by the fixture below): Based tokens/s over the faster softmax backend,
-    per context, once both ran."""
+    """pytest plugin (registered by the fixture below): each Based variant's tokens/s over the faster
+    softmax backend, per context, once both ran."""
 
     def pytest_terminal_summary(self, terminalreporter):
         lines = []
         for ctx, tps in sorted(_TOKENS_PER_S.items()):
-            softmax = {i: t for i, t in tps.items() if i != "based"}
-            if "based" in tps and softmax:
-                best = max(softmax, key=softmax.get)
-                lines.append(f"ctx {ctx}: based {tps['based']:,.0f} tok/s, {best} {softmax[best]:,.0f} "
-                             f"tok/s: {tps['based'] / softmax[best]:.2f}x")
+            softmax = {i: t for i, t in tps.items() if i not in BASED_STATE}
+            if not softmax:
+                continue
+            best = max(softmax, key=softmax.get)
+            for based in (i for i in BASED_STATE if i in tps):
+                lines.append(f"ctx {ctx}: {based} {tps[based]:,.0f} tok/s, {best} {softmax[best]:,.0f} "
+                             f"tok/s: {tps[based] / softmax[best]:.2f}x")
         if lines:
             terminalreporter.section(f"{OP}: Based vs the faster softmax (B={B}, H={H}, one layer)")
             for line in lines:

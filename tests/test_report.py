@@ -76,11 +76,22 @@ def test_generation_ratio_uses_the_faster_softmax(md):
     rows = {r[0]: r for r in _table_rows(md, "Generation throughput (op `based_generation`)")}
     # ctx 2048: cuDNN is the faster softmax; ctx 8192: flash is
     r2k, r8k = rows["B128 H16 ctx2048 e64"], rows["B128 H16 ctx8192 e64"]
-    assert r2k[-2] == "softmax_sdpa_cudnn" and r8k[-2] == "softmax_sdpa_flash"
+    assert r2k[-3] == "softmax_sdpa_cudnn" and r8k[-3] == "softmax_sdpa_flash"
     based = _median_us("based-B128-H16-ctx2048-bf16")
-    assert r2k[-1] == f"{_median_us('softmax_sdpa_cudnn-B128-H16-ctx2048-bf16') / based:.2f}×"
+    assert r2k[-2] == f"{_median_us('softmax_sdpa_cudnn-B128-H16-ctx2048-bf16') / based:.2f}×"
     based = _median_us("based-B128-H16-ctx8192-bf16")
-    assert r8k[-1] == f"{_median_us('softmax_sdpa_flash-B128-H16-ctx8192-bf16') / based:.2f}×"
+    assert r8k[-2] == f"{_median_us('softmax_sdpa_flash-B128-H16-ctx8192-bf16') / based:.2f}×"
+
+
+def test_generation_ratio_per_based_state(md):
+    # one ratio column per Based variant: fp32 state (`based`) and bf16 state, same faster softmax
+    header = next(line for line in md.split("### Generation throughput", 1)[1].splitlines() if line.startswith("| shape"))
+    assert header.endswith("| faster softmax | based ÷ softmax | based_state_bf16 ÷ softmax |")
+    r2k = {r[0]: r for r in _table_rows(md, "Generation throughput (op `based_generation`)")}["B128 H16 ctx2048 e64"]
+    cudnn = _median_us("softmax_sdpa_cudnn-B128-H16-ctx2048-bf16")
+    assert r2k[-3] == "softmax_sdpa_cudnn"
+    assert r2k[-2] == f"{cudnn / _median_us('based-B128-H16-ctx2048-bf16'):.2f}×"
+    assert r2k[-1] == f"{cudnn / _median_us('based_state_bf16-B128-H16-ctx2048-bf16'):.2f}×"
 
 
 def test_generate_writes_plots_and_is_reproducible(tmp_path):
