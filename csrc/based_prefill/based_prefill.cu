@@ -154,6 +154,28 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// ---- the running state's place in the registers -------------------------------------------------
+
+// s[n][e] (S^T as mma accumulators) holds S[f][v]: fn(n, e, f, v) for each of this thread's elements.
+template <typename Fn>
+__device__ __forceinline__ void for_each_s(int warp, int g, int t, Fn&& fn) {
+#pragma unroll
+  for (int n = 0; n < Cfg::kNT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) fn(n, e, 8 * n + 2 * t + (e & 1), 16 * warp + g + 8 * (e >> 1));
+}
+
+// zc[j][hh][e] holds z[f] of the feature block kk = warp + 4j (< 10): fn(j, hh, e, f).
+template <typename Fn>
+__device__ __forceinline__ void for_each_z(int warp, int t, Fn&& fn) {
+#pragma unroll
+  for (int j = 0; j < 3; ++j)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) fn(j, hh, e, 16 * (warp + 4 * j) + 8 * hh + 2 * t + e);
+}
+
 // ---- feature map (compact order of common.h), resolved at compile time -----------------------
 
 // Pair m (0..119) of the row-major i<j enumeration.
@@ -383,8 +405,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   const bool den_on = !kStateOnly && p.normalize;
   const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // sqrt(c) = 2^k
 
-  // Running state. s[n][e] = S[f][v], f = 8n + 2t + (e & 1), v = 16*warp + g + 8*(e >> 1).
-  // zc[j][hh][e] = z[f], f = 16kk + 8hh + 2t + e for the feature block kk = warp + 4j (< 10).
+  // Running state, laid out as for_each_s / for_each_z say.
   float s[Cfg::kNT][4];
   float zc[3][2][2];
   {
@@ -394,27 +415,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     const float* prev = (!kStateOnly && seg > 0)  // inclusive prefix of the earlier segments
                             ? ws + (int64_t(bh) * (nseg - 1) + seg - 1) * Cfg::kWsFloats
                             : nullptr;
-#pragma unroll
-    for (int n = 0; n < Cfg::kNT; ++n) {
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (prev) x = reinterpret_cast<const float4*>(prev)[(warp * Cfg::kNT + n) * 32 + lane];
-      const float px[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int f = 8 * n + 2 * t + (e & 1), v = 16 * warp + g + 8 * (e >> 1);
-        s[n][e] = ((S0 && f < kCompactFeatures) ? S0[f * kValueDim + v] : 0.f) + px[e];
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 3; ++j)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int f = 16 * (warp + 4 * j) + 8 * hh + 2 * t + e;
-          const bool ok = f < kCompactFeatures;
-          zc[j][hh][e] = ((z0 && ok) ? z0[f] : 0.f) + ((prev && ok) ? prev[Cfg::kStateFloats + f] : 0.f);
-        }
+    // the workspace holds S^T in fragment order: float4 (warp * kNT + n) * 32 + lane is s[n][0..3]
+    const float4* prev_s =
+        prev ? reinterpret_cast<const float4*>(prev) + warp * Cfg::kNT * 32 + lane : nullptr;
+    for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
+      const float4 x = prev_s ? prev_s[n * 32] : make_float4(0.f, 0.f, 0.f, 0.f);  // one load per n
+      const float carried = e == 0 ? x.x : e == 1 ? x.y : e == 2 ? x.z : x.w;
+      s[n][e] = ((S0 && f < kCompactFeatures) ? S0[f * kValueDim + v] : 0.f) + carried;
+    });
+    for_each_z(warp, t, [&](int j, int hh, int e, int f) {
+      const bool ok = f < kCompactFeatures;
+      zc[j][hh][e] = ((z0 && ok) ? z0[f] : 0.f) + ((prev && ok) ? prev[Cfg::kStateFloats + f] : 0.f);
+    });
   }
 
   // Chunk loads into stage c & 1, zero-filled past t_end. Each thread copies the same rows of
@@ -713,25 +725,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     dst_z = p.z + int64_t(bh) * kCompactFeatures;
   }
   if (dst_S) {
-#pragma unroll
-    for (int n = 0; n < Cfg::kNT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int f = 8 * n + 2 * t + (e & 1), v = 16 * warp + g + 8 * (e >> 1);
-        if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[n][e];
-      }
+    for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
+      if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[n][e];
+    });
   }
   if (dst_z && g == 0) {
-#pragma unroll
-    for (int j = 0; j < 3; ++j)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int f = 16 * (warp + 4 * j) + 8 * hh + 2 * t + e;
-          // The workspace copy keeps the zero padding too: the scan sums whole float4s.
-          if (f < (kStateOnly ? Cfg::kF : kCompactFeatures)) dst_z[f] = zc[j][hh][e];
-        }
+    for_each_z(warp, t, [&](int j, int hh, int e, int f) {
+      // The workspace copy keeps the zero padding too: the scan sums whole float4s.
+      if (f < (kStateOnly ? Cfg::kF : kCompactFeatures)) dst_z[f] = zc[j][hh][e];
+    });
   }
 }
 
