@@ -2,6 +2,7 @@
 
     python perf/noise_study.py [-n 5] [--append] [--session LABEL] [--keep-json DIR] [-- PYTEST_ARGS]
     python perf/noise_study.py --from-json r1.json r2.json ... [--append] [--session LABEL]
+    python perf/noise_study.py --held-out BASELINE.json [--out NOISE.json]
 
 Runs ``python -m pytest perf --benchmark-json=...`` n times (default 5) on unchanged code, one subprocess
 per repetition (a fresh CUDA context, compilation caches as a user's rerun would find them), or takes
@@ -17,6 +18,10 @@ existing pytest-benchmark JSON files (--from-json), and writes perf/noise/<gpu-s
 --append merges into an existing file (refused if it was measured on another GPU); repetitions go to a
 new session unless --session names an existing one (to continue a session whose runs did not fit in one
 command). The file is rewritten after every repetition, so a killed study keeps what it finished.
+
+--held-out checks the thresholds out of sample: every repetition in the noise file is gated against the
+baseline with thresholds from all the *other* repetitions (so a run never widens its own threshold).
+Exit 1 if any repetition of unchanged code would have failed the gate.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import gate
 
 PERF_DIR = Path(__file__).resolve().parent
 NOISE_DIR = PERF_DIR / "noise"
@@ -96,6 +103,50 @@ def _summarise(entry: dict) -> None:
                  spread_within_session=max(within) if within else None)
 
 
+def held_out(study: dict, baseline: dict) -> list[tuple[str, int, gate.GateResult]]:
+    """(session label, repetition number, gate result) for every repetition of the study, gated against
+    `baseline` with thresholds from the noise of every other repetition. The baseline's own run (the
+    same medians) is skipped; so is a benchmark whose medians do not line up with its session's
+    repetitions (a repetition that did not run it)."""
+    base = gate.medians(baseline)
+    results = []
+    for session in study["sessions"]:
+        label, reps = session["label"], session["repetitions"]
+        for k in range(len(reps)):
+            run_medians, rest = {}, {"gpu_slug": study["gpu_slug"], "benchmarks": {}}
+            for name, entry in study["benchmarks"].items():
+                medians = entry["medians_s"]
+                if len(medians.get(label, [])) != len(reps):
+                    continue
+                run_medians[name] = medians[label][k]
+                others = {s: ms[:k] + ms[k + 1:] if s == label else ms for s, ms in medians.items()}
+                if any(others.values()):
+                    rest["benchmarks"][name] = {"medians_s": others}
+                    _summarise(rest["benchmarks"][name])
+            if all(base.get(n) == m for n, m in run_medians.items()):
+                continue
+            run = {"machine_info": {"gpu_slug": study["gpu_slug"]},
+                   "benchmarks": [{"fullname": n, "stats": {"median": m}} for n, m in run_medians.items()]}
+            results.append((label, k + 1, gate.compare(baseline, run, rest)))
+    return results
+
+
+def _held_out_main(baseline_path: Path, noise_path: Path | None) -> int:
+    baseline = gate.load_json(baseline_path)
+    noise_path = noise_path or NOISE_DIR / f"{gate.slug_of(baseline)}.json"
+    failed = 0
+    for label, k, result in held_out(gate.load_json(noise_path), baseline):
+        regressed = result.regressions
+        failed += bool(regressed)
+        print(f"{label} repetition {k}: {'FAIL' if regressed else 'PASS'}: {len(regressed)} of "
+              f"{len(result.compared)} over their held-out threshold")
+        for c in sorted(regressed, key=lambda c: -c.ratio):
+            print(f"    {c.ratio:.3f} > 1 + {c.threshold:.1%}  {c.name}")
+    print(f"held-out check of {noise_path} against {baseline_path}: "
+          f"{'FAIL' if failed else 'PASS'} ({failed} repetition(s) failing)")
+    return 1 if failed else 0
+
+
 def write(study: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -140,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append", action="store_true", help="merge into an existing noise file")
     p.add_argument("--session", help="session label (default: a new session-<k>)")
     p.add_argument("--keep-json", type=Path, help="keep each repetition's JSON in this folder")
+    p.add_argument("--held-out", type=Path, metavar="BASELINE",
+                   help="gate each repetition of the noise file against BASELINE with thresholds from the "
+                        "other repetitions; runs nothing")
     args = p.parse_args(argv)
+    if args.held_out:
+        return _held_out_main(args.held_out, args.out)
 
     study: dict | None = None
     out: Path | None = args.out

@@ -180,6 +180,30 @@ def test_noise_study_merges_sessions_and_feeds_the_gate(tmp_path):
     assert limits[DEC32] == (pytest.approx(0.36), "noise")
 
 
+def test_held_out_check_gates_each_repetition_with_the_others_noise(tmp_path, capsys):
+    # one session: the baseline's own run, a rerun 1% slower everywhere, and RUN (DEC32 +12%, SWA 2x, ...)
+    near = load(BASELINE)
+    for b in near["benchmarks"]:
+        b["stats"]["median"] *= 1.01
+    (tmp_path / "near.json").write_text(json.dumps(near))
+    out = tmp_path / "noise.json"
+    assert noise_study.main(["--from-json", str(BASELINE), str(tmp_path / "near.json"), str(RUN),
+                             "--out", str(out)]) == 0
+    results = noise_study.held_out(load(out), load(BASELINE))
+    # the baseline's own run is not gated against itself
+    assert [(label, k) for label, k, _ in results] == [("session-1", 2), ("session-1", 3)]
+    near_result, run_result = results[0][2], results[1][2]
+    # the 1% rerun: RUN's noise widens every threshold it shares -> passes
+    assert near_result.ok
+    # RUN against the noise of the two others (1% apart: 3% floor): its +12% and 2x are regressions
+    regressed = {c.name for c in run_result.regressions}
+    assert {DEC32, SWA} <= regressed and DEC16 not in regressed
+    assert by_name(run_result)[DEC32].threshold == pytest.approx(gate.MIN_THRESHOLD)
+    assert noise_study.main(["--held-out", str(BASELINE), "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "session-1 repetition 3: FAIL" in text and "session-1 repetition 2: PASS" in text
+
+
 def test_noise_study_refuses_slowed_runs(tmp_path):
     run = load(RUN)
     run["machine_info"]["perf_slowdown"] = ["based_decode"]
