@@ -4,7 +4,7 @@
   (W = 64, append included). Its cost does not depend on the context; it is timed at each context anyway, so
   each context's comparison comes from one run.
 * `based_state_bf16`: the same with the bf16 decode state (half the state bytes; it drifts over long
-  generations, README "Decode state precision").
+  generations: README, "State precision").
 * `softmax_sdpa_cudnn`, `softmax_sdpa_flash`: softmax attention of the new token over a full KV cache of
   `ctx` tokens, `F.scaled_dot_product_attention(q (B,H,1,e), K, V (B,H,ctx,e))` with the backend forced.
   Attention only: appending the new key/value to the cache is left out (it favours softmax, slightly).
