@@ -21,7 +21,8 @@ nox.options.default_venv_backend = os.environ.get("NOX_DEFAULT_VENV_BACKEND", "v
 VENV_PARAMS = ["--system-site-packages"]
 
 # import name -> pip requirement, installed only when the import fails
-BUILD_REQUIRES = {"torch": "torch", "ninja": "ninja", "setuptools": "setuptools>=64", "wheel": "wheel"}
+BUILD_REQUIRES = {"torch": "torch", "ninja": "ninja", "setuptools": "setuptools>=64", "wheel": "wheel",
+                  "cutlass_library": "nvidia-cutlass==4.2.0.0"}  # CuTe headers
 TEST_REQUIRES = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "matplotlib": "matplotlib"}
 
 
@@ -37,7 +38,10 @@ def _ensure(session: nox.Session, requires: dict[str, str]) -> None:
 
 
 def _build(session: nox.Session) -> None:
-    _ensure(session, BUILD_REQUIRES)
+    requires = dict(BUILD_REQUIRES)
+    if os.environ.get("ATTN_KERNELS_CUTLASS_INCLUDE"):  # headers given directly (a box without the wheel)
+        del requires["cutlass_library"]
+    _ensure(session, requires)
     session.run("python", "setup.py", "-q", "build_ext", "--inplace", env={"MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))})
 
 

@@ -4,6 +4,9 @@ Environment:
   ATTN_KERNELS_CUDA_ARCH   gencode list, default "-gencode=arch=compute_90a,code=sm_90a" (Hopper);
                            several flags are separated by spaces.
   ATTN_KERNELS_NO_CUDA=1   skip the extension: a pure-Python install whose CUDA calls raise a clear error.
+  ATTN_KERNELS_CUTLASS_INCLUDE
+                           the CUTLASS/CuTe include folder (based_prefill's kernel uses CuTe); default: the
+                           copy inside the nvidia-cutlass wheel (cutlass_library/source/include).
   MAX_JOBS                 parallel compile jobs (ninja), as usual for torch extensions.
 Without nvcc the package installs without _C, as with ATTN_KERNELS_NO_CUDA=1.
 """
@@ -28,6 +31,27 @@ def _cuda_home():
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
+def _cutlass_include():
+    """CuTe headers for the kernels: ATTN_KERNELS_CUTLASS_INCLUDE, else the nvidia-cutlass wheel's copy."""
+    where = os.environ.get("ATTN_KERNELS_CUTLASS_INCLUDE")
+    if not where:
+        try:
+            import cutlass_library
+
+            where = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+        except ImportError:
+            pass
+    if where and os.path.isfile(os.path.join(where, "cute", "tensor.hpp")):
+        return where
+    raise RuntimeError(
+        "attn_kernels: the CUDA kernels need the CUTLASS/CuTe headers, and "
+        + (f"{where} has no cute/tensor.hpp. " if where else "none were found. ")
+        + "Install them with `pip install nvidia-cutlass==4.2.0.0`, or set ATTN_KERNELS_CUTLASS_INCLUDE "
+        "to a CUTLASS include folder (the one holding cute/ and cutlass/), or build without the kernels "
+        "(ATTN_KERNELS_NO_CUDA=1)."
+    )
+
+
 def _extensions():
     if os.environ.get("ATTN_KERNELS_NO_CUDA") == "1":
         return [], {}
@@ -39,7 +63,7 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    include_dirs = [os.path.join(HERE, "csrc")]
+    include_dirs = [os.path.join(HERE, "csrc"), _cutlass_include()]
     # ATen's CUDA headers include cuBLAS/cuSPARSE headers, which pip's torch ships in its nvidia-* wheels.
     site = os.path.dirname(os.path.dirname(torch.__file__))
     include_dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
