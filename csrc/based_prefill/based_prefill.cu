@@ -1,69 +1,118 @@
-// based_prefill: causal Based linear attention over a whole sequence, chunked (spec.md).
+// based_prefill: causal Based linear attention over a whole sequence, chunked (spec.md), on Hopper
+// warpgroup MMA (wgmma, sm_90a).
 //
-// One CTA (4 warps) walks one (b, h, segment) in chunks of 64 tokens. Warp w owns value columns
-// [16w, 16w+16): its slice of the running state S^T (16 x 160 float32, in mma accumulator
-// registers) and of the output. Per chunk, all on m16n8k16 tensor-core mma:
-//   intra  W = causal(1 + cA + (cA)^2/2), A = Q K^T; o = W V; den = rowsum(W)  (input dtype)
-//          W is built once per chunk (10 16x16 blocks spread over the warps) in shared memory.
-//   inter  o += phi(Q) S, den += phi(Q).z            (bf16 operands: S and z can exceed fp16;
-//          fp16 inputs split both sides into bf16 hi + lo, 3 mma per product, ~16-bit operands)
-//   state  S^T += V^T phi(K), z += 1^T phi(K)        (input dtype, float32 accumulation)
-// phi(Q), phi(K) (153 compact features padded to 160) are built once per chunk in shared memory.
-// The accumulator layout of S^T is exactly the B-fragment layout that phi(Q) S needs, so the
-// state never leaves registers. z is split by 16-feature blocks kk over the warps (kk % 4 ==
-// warp); its accumulator rows are all equal (A = ones), which again is the B fragment of phi(Q) z.
-// Partial dens meet in shared memory; den_intra uses the float32 W, before rounding.
+// One CTA = one warpgroup (4 warps) walks one (b, h, segment) in chunks of 64 tokens, 2 CTAs per SM.
+// The running state S^T (64 values x 160 features: the 153 compact ones padded) stays in wgmma
+// accumulator registers for the whole segment. Per chunk:
+//   phase 1 (CUDA cores, mma.sync m16n8k16): phi(Q), phi(K) and W = causal(1 + cA + (cA)^2/2),
+//     A = Q K^T, into shared memory in GMMA swizzled layouts; the rowsums of the float32 W (den_intra).
+//   phase 2 (the warpgroup's async wgmma: each shared operand is read once per chunk, not once per warp):
+//     o^T  = V^T W^T          m64n64k16 x 4               SS  (input dtype)
+//     o^T += S^T phi(Q)^T     m64n64k16 x 10              RS  (bf16: S and z can exceed fp16's range)
+//     S^T += V^T phi(K)       m64n128k16 + m64n32k16, x 4 SS  (input dtype, float32 accumulation)
+//     While these run, each warp does z += 1^T phi(K) and den_inter = phi(Q).z for its 16-feature
+//     blocks of z on mma.sync.
+//   epilogue: 1/den per token through shared memory, o^T scaled, written transposed (stmatrix.trans)
+//     into a staging tile, then 16-byte global stores.
+// Why o^T: the accumulator layout of S^T is, element for element, the register-A layout of m64nNk16,
+// so the inter product takes the state straight from its accumulators (one cvt per pair).
+// fp16 inputs: a bf16 operand is 3 bits coarser than fp16, so S, z and phi(Q) are split into bf16
+// hi + lo and hi.hi + hi.lo + lo.hi are accumulated in float32 (~16-bit operands; lo.lo is below the
+// float32 rounding).
 //
 // Small B*H: the sequence is cut into segments. Pass 1 (kStateOnly) writes each segment's own
 // state contribution to the workspace, a scan turns them into prefix sums, and pass 2 starts
 // segment s from S0 + prefix[s-1]. The last segment writes the final state.
+//
+// CuTe (nvidia-cutlass) gives the GMMA shared-memory layouts, descriptors and wgmma atoms. TiledMMA is
+// not used: its header pulls in every architecture's atoms and triples the compile time, and the
+// fragment layouts needed here are the simple ones written out below.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <type_traits>
 #include <utility>
+
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
 
 #include "based_prefill.h"
 
 namespace attn_kernels {
 namespace {
 
+using bf16 = __nv_bfloat16;
+
 struct Cfg {
-  static constexpr int kChunk = 64;    // tokens per chunk
-  static constexpr int kThreads = 128; // 4 warps
-  static constexpr int kF = 160;       // 153 compact features padded to a multiple of 16
-  static constexpr int kNT = kF / 8;   // state n-tiles per warp (8 features each)
-  // Row pitches (elements) padded so that 8 consecutive rows hit distinct banks for ldmatrix.
-  static constexpr int kQKPitch = 24;
-  static constexpr int kVPitch = 72;
-  static constexpr int kPhiPitch = 168;
-  static constexpr int kWPitch = 72;
+  static constexpr int kChunk = 64;     // tokens per chunk
+  static constexpr int kThreads = 128;  // one warpgroup
+  static constexpr int kF = 160;        // 153 compact features padded to a multiple of 32
+  static constexpr int kNT = kF / 8;    // state n-tiles of 8 features
+  // Row pitches (elements) padded so that 8 consecutive rows hit distinct banks for ldmatrix / stmatrix.
+  static constexpr int kQKPitch = 24;  // q, k input rows
+  static constexpr int kOPitch = 72;   // output staging rows
   // One segment's partial state in the workspace: S^T in fragment order, then z (160).
   static constexpr int kStateFloats = 4 * 32 * kNT * 4;
   static constexpr int kWsFloats = kStateFloats + kF;
   static constexpr int kCtasPerSm = 2;
 };
 
-template <typename T>
-struct __align__(16) Smem {
-  // fp16 inputs: phi(Q) as bf16 hi + lo (two tiles), so the output is staged in W's tile (dead by
-  // then) to stay within two CTAs per SM.
-  static constexpr bool kSplit = std::is_same_v<T, __half>;
-  static constexpr int kO = kSplit ? 0 : 1;  // wo[kO] stages the output
-  T q[2][Cfg::kChunk][Cfg::kQKPitch];  // double-buffered chunk inputs (cp.async)
-  T k[2][Cfg::kChunk][Cfg::kQKPitch];
-  T v[2][Cfg::kChunk][Cfg::kVPitch];
-  __nv_bfloat16 phiq[kSplit ? 2 : 1][Cfg::kChunk][Cfg::kPhiPitch];  // [0] bf16 or hi, [1] lo
-  T phik[Cfg::kChunk][Cfg::kPhiPitch];
-  // [0] causal poly(Q K^T) of the chunk, [kO] output staging for 16-byte global stores
-  T wo[kSplit ? 1 : 2][Cfg::kChunk][Cfg::kWPitch];
-  // Partial dens per row: [0..3] phi(Q).z over warp w's feature blocks, [4 + kt] rowsum of W's
-  // block (m, kt) (only kt <= m is ever written).
-  float den[Cfg::kChunk][8];
+// ---- shared memory --------------------------------------------------------------------------------
+
+// The wgmma operand tiles (element offsets; each tile's base 1024-byte aligned):
+// phi(Q), phi(K): token rows of 160 features in GMMA SW64 atoms of 8 tokens x 32 features (64-byte
+//   rows, 16-byte units XOR (tok >> 1) & 3); token blocks inner (512 B), feature blocks outer (4 KB).
+//   phi(Q) is the K-major B operand (N = token), phi(K) the MN-major B operand (N = feature) of the
+//   same arrangement.
+// V (token rows of 64 values) and W (query rows of 64 keys): GMMA SW128, 128-byte rows, 16-byte units
+//   XOR row & 7. V is the MN-major A operand (M = value), W the K-major B operand.
+// phi_off and row128_off are the offsets the writers use; they equal the CuTe layouts of Tiles.
+__host__ __device__ __forceinline__ int phi_off(int tok, int f) {  // f % 8 == 0 for 16-byte accesses
+  return (f >> 5) * 2048 + (tok >> 3) * 256 + (tok & 7) * 32 +
+         ((((f >> 3) & 3) ^ ((tok >> 1) & 3)) << 3) + (f & 7);
+}
+__host__ __device__ __forceinline__ int row128_off(int r, int c) {
+  return r * 64 + ((((c >> 3) ^ (r & 7))) << 3) + (c & 7);
+}
+
+struct Tiles {
+  using E = cute::bfloat16_t;  // any 16-bit type: the layouts and descriptors depend on the size only
+  using PhiQ = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW64_Atom<E>{},
+                                            cute::Shape<cute::_64, cute::_160>{}));  // (token, feature)
+  using PhiK = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW64_Atom<E>{},
+                                            cute::Shape<cute::_160, cute::_64>{},
+                                            cute::Step<cute::_2, cute::_1>{}));  // (feature, token)
+  using V = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<E>{},
+                                         cute::Shape<cute::_64, cute::_64>{}));  // (value, token)
+  using W = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
+                                         cute::Shape<cute::_64, cute::_64>{}));  // (query, key)
+  template <class Layout, class P>
+  static __device__ __forceinline__ auto tensor(P* ptr) {
+    return cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<E*>(ptr)), Layout{});
+  }
 };
 
-// ---- 16-bit helpers -------------------------------------------------------------------------
+template <typename T>
+struct Smem {
+  // fp16 inputs: phi(Q) as bf16 hi + lo (two tiles) for the bf16 state products.
+  static constexpr bool kSplit = std::is_same_v<T, __half>;
+  bf16 phiq[kSplit ? 2 : 1][Cfg::kChunk * Cfg::kF];  // wgmma tiles first: each a multiple of 1 KB
+  T phik[Cfg::kChunk * Cfg::kF];
+  T v[2][Cfg::kChunk * kValueDim];  // double-buffered chunk input (cp.async)
+  T w[Cfg::kChunk * Cfg::kChunk];
+  T q[2][Cfg::kChunk][Cfg::kQKPitch];
+  T k[2][Cfg::kChunk][Cfg::kQKPitch];
+  T o[Cfg::kChunk][Cfg::kOPitch];  // output staging, token rows; warp w owns columns 16w..16w+15
+  float den[Cfg::kChunk][8];  // partial dens: [w] phi(Q).z over warp w's feature blocks, [4+kt] rowsum W
+  float inv[Cfg::kChunk];     // 1 / (den + eps)
+};
+template <typename T>
+constexpr int kSmemBytes = int(sizeof(Smem<T>)) + 1024;  // + slack to align the base to 1 KB
+constexpr int kPhiTileBytes = Cfg::kChunk * Cfg::kF * 2;
+
+// ---- 16-bit helpers -------------------------------------------------------------------------------
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b);
@@ -73,7 +122,7 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+__device__ __forceinline__ uint32_t pack2<bf16>(float a, float b) {
   __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
   return *reinterpret_cast<uint32_t*>(&h);
 }
@@ -85,17 +134,17 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
   return __half22float2(*reinterpret_cast<__half2*>(&u));
 }
 template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
+__device__ __forceinline__ float2 unpack2<bf16>(uint32_t u) {
   return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
 }
 
 // x = hi + lo to ~16 significant bits: hi = bf16(x), lo = bf16(x - hi), for a pair (a, b).
 __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uint32_t& lo) {
-  hi = pack2<__nv_bfloat16>(a, b);
-  lo = pack2<__nv_bfloat16>(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
+  hi = pack2<bf16>(a, b);
+  lo = pack2<bf16>(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
 }
 
-// c += a * b, m16n8k16, float32 accumulate.
+// c += a * b, m16n8k16 (mma.sync), float32 accumulate.
 template <typename T>
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
@@ -107,8 +156,8 @@ __device__ __forceinline__ void mma<__half>(float (&c)[4], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
-__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                   uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma<bf16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -123,30 +172,39 @@ __device__ __forceinline__ void mma_dc(float (&d)[4], const uint32_t (&a)[4], ui
   mma<T>(d, a, b0, b1);
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
 __device__ __forceinline__ float rcp_approx(float x) {  // MUFU.RCP alone, ~1 ulp
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
 
+// ---- shared memory by 32-bit address, async copies, proxy fence -----------------------------------
+
+__device__ __forceinline__ uint32_t saddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void sts128(uint32_t a, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+__device__ __forceinline__ void sts32(uint32_t a, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(a), "r"(v));
+}
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldsm4_t(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void stsm4_t(uint32_t a, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};"
+               ::"r"(a), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
+
 // 16-byte async copy; rows past the end are zero-filled (src-size 0 reads nothing).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem),
-               "r"(valid ? 16 : 0));
+__device__ __forceinline__ void cp_async16(uint32_t s, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -154,9 +212,58 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// ---- the running state's place in the registers -------------------------------------------------
+// Generic-proxy writes to shared memory (st.shared, cp.async) become visible to wgmma (async proxy).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
 
-// s[n][e] (S^T as mma accumulators) holds S[f][v]: fn(n, e, f, v) for each of this thread's elements.
+// ---- wgmma ----------------------------------------------------------------------------------------
+
+// Fragments per thread (warp w, lane = 4g + t), per warp the same as mma.sync m16n8:
+//   accumulator m64nN: d[4n + e] = D[16w + g + 8(e >> 1)][8n + 2t + (e & 1)]
+//   register A m64k16: a[j] = bf16x2 of A[16w + g + 8(j & 1)][2t + 8(j >> 1) + {0, 1}]
+// so the bf16 pairs of the state accumulators, in order, are the A registers of S^T.
+namespace GM = cute::SM90::GMMA;
+using AtomInter = GM::MMA_64x64x16_F32BF16BF16_RS<GM::Major::K, GM::Major::K>;  // bf16: S exceeds fp16
+template <typename T>  // products in the input type: o^T = V^T W^T, S^T += V^T phi(K) (two N pieces)
+struct Atoms {
+  using Intra = GM::MMA_64x64x16_F32BF16BF16_SS<GM::Major::MN, GM::Major::K>;
+  using Upd128 = GM::MMA_64x128x16_F32BF16BF16_SS<GM::Major::MN, GM::Major::MN>;  // features 0..127
+  using Upd32 = GM::MMA_64x32x16_F32BF16BF16_SS<GM::Major::MN, GM::Major::MN>;    // features 128..159
+};
+template <>
+struct Atoms<__half> {
+  using Intra = GM::MMA_64x64x16_F32F16F16_SS<GM::Major::MN, GM::Major::K>;
+  using Upd128 = GM::MMA_64x128x16_F32F16F16_SS<GM::Major::MN, GM::Major::MN>;
+  using Upd32 = GM::MMA_64x32x16_F32F16F16_SS<GM::Major::MN, GM::Major::MN>;
+};
+
+template <class Atom, size_t... I>
+__device__ __forceinline__ void wgmma_ss(uint64_t da, uint64_t db, float* d, GM::ScaleOut scale_d,
+                                         std::index_sequence<I...>) {
+  Atom::fma(da, db, d[I]..., scale_d);
+}
+template <class Atom, size_t... I>
+__device__ __forceinline__ void wgmma_rs(const uint32_t* a, uint64_t db, float* d,
+                                         std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], db, d[I]..., GM::ScaleOut::One);
+}
+// Descriptor of tile (r_tile, kb) of shape R x 16 of a GMMA smem tensor (rows x K).
+template <GM::Major kMajor, int R, class Tensor>
+__device__ __forceinline__ uint64_t kblock_desc(const Tensor& t, int r_tile, int kb) {
+  using namespace cute;
+  return GM::make_gmma_desc<kMajor>(local_tile(t, Shape<Int<R>, _16>{}, make_coord(r_tile, kb)));
+}
+template <class T, int N>
+__device__ __forceinline__ void fence_regs(T (&r)[N]) {  // keep the compiler off wgmma operands in flight
+#pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
+}
+
+// ---- the running state's place in the registers ---------------------------------------------------
+
+// s[4n + e] (S^T as wgmma accumulators, m64n128 then m64n32) holds S[f][v]: fn(n, e, f, v) for each of
+// this thread's elements.
 template <typename Fn>
 __device__ __forceinline__ void for_each_s(int warp, int g, int t, Fn&& fn) {
 #pragma unroll
@@ -176,7 +283,7 @@ __device__ __forceinline__ void for_each_z(int warp, int t, Fn&& fn) {
       for (int e = 0; e < 2; ++e) fn(j, hh, e, 16 * (warp + 4 * j) + 8 * hh + 2 * t + e);
 }
 
-// ---- feature map (compact order of common.h), resolved at compile time -----------------------
+// ---- feature map (compact order of common.h), resolved at compile time ----------------------------
 
 // Pair m (0..119) of the row-major i<j enumeration.
 __host__ __device__ constexpr int pair_i(int m) {
@@ -207,41 +314,6 @@ __device__ __forceinline__ float feature(const float (&x)[16], float one) {
   }
 }
 
-template <typename Out, int G>
-__device__ __forceinline__ void store_feature_group(Out* row, const float (&x)[16], float one) {
-  uint4 u;
-  u.x = pack2<Out>(feature<8 * G + 0>(x, one), feature<8 * G + 1>(x, one));
-  u.y = pack2<Out>(feature<8 * G + 2>(x, one), feature<8 * G + 3>(x, one));
-  u.z = pack2<Out>(feature<8 * G + 4>(x, one), feature<8 * G + 5>(x, one));
-  u.w = pack2<Out>(feature<8 * G + 6>(x, one), feature<8 * G + 7>(x, one));
-  *reinterpret_cast<uint4*>(row + 8 * G) = u;
-}
-
-template <typename Out, int G0, int... G>
-__device__ __forceinline__ void store_feature_groups(Out* row, const float (&x)[16], float one,
-                                                     std::integer_sequence<int, G...>) {
-  (store_feature_group<Out, G0 + G>(row, x, one), ...);
-}
-
-template <int G>
-__device__ __forceinline__ void store_feature_group_split(__nv_bfloat16* hi, __nv_bfloat16* lo,
-                                                          const float (&x)[16]) {
-  uint4 h, l;
-  split_bf16x2(feature<8 * G + 0>(x, 1.f), feature<8 * G + 1>(x, 1.f), h.x, l.x);
-  split_bf16x2(feature<8 * G + 2>(x, 1.f), feature<8 * G + 3>(x, 1.f), h.y, l.y);
-  split_bf16x2(feature<8 * G + 4>(x, 1.f), feature<8 * G + 5>(x, 1.f), h.z, l.z);
-  split_bf16x2(feature<8 * G + 6>(x, 1.f), feature<8 * G + 7>(x, 1.f), h.w, l.w);
-  *reinterpret_cast<uint4*>(hi + 8 * G) = h;
-  *reinterpret_cast<uint4*>(lo + 8 * G) = l;
-}
-
-template <int... G>
-__device__ __forceinline__ void store_feature_groups_split(__nv_bfloat16* hi, __nv_bfloat16* lo,
-                                                           const float (&x)[16],
-                                                           std::integer_sequence<int, G...>) {
-  (store_feature_group_split<G>(hi, lo, x), ...);
-}
-
 // x = sqrt(c) * src (one 16-element row) in float.
 template <typename T>
 __device__ __forceinline__ void load_scaled_row(const T* src, float sqrt_c, float (&x)[16]) {
@@ -256,27 +328,9 @@ __device__ __forceinline__ void load_scaled_row(const T* src, float sqrt_c, floa
   }
 }
 
-// Writes feature groups [G0, G0+NG) (8 features each) of phi(x) for one token row.
-// one = 0 zeroes the constant feature of a padding token (x itself is zero-filled).
-template <typename Out, int G0, int NG, typename T>
-__device__ __forceinline__ void build_phi_row(const T* src, Out* dst, float sqrt_c, float one) {
-  float x[16];
-  load_scaled_row(src, sqrt_c, x);
-  store_feature_groups<Out, G0>(dst, x, one, std::make_integer_sequence<int, NG>{});
-}
-
-// All of phi(x) for one query row as bf16 hi + lo rows (features in float, then split).
-template <typename T>
-__device__ __forceinline__ void build_phi_row_split(const T* src, __nv_bfloat16* hi,
-                                                    __nv_bfloat16* lo, float sqrt_c) {
-  float x[16];
-  load_scaled_row(src, sqrt_c, x);
-  store_feature_groups_split(hi, lo, x, std::make_integer_sequence<int, Cfg::kF / 8>{});
-}
-
-// Packed variant for Out == T when sqrt(c) is a power of two (the default c = 1/4 among them):
+// Packed path for Out == T when sqrt(c) is a power of two (the default c = 1/4 among them):
 // x' = sqrt(c) x is then exact in T, and a T2 multiply rounds x'_i x'_j once, like the float
-// path above, so both give the same features. 53 of the 80 feature pairs are one T2 multiply
+// path, so both give the same features. 53 of the 80 feature pairs are one T2 multiply
 // (x'_i, x'_i) * (x'_j, x'_j+1); the others go through float.
 template <typename T>
 struct Packed;
@@ -291,7 +345,7 @@ struct Packed<__half> {
   }
 };
 template <>
-struct Packed<__nv_bfloat16> {
+struct Packed<bf16> {
   using T2 = __nv_bfloat162;
   static __device__ __forceinline__ T2 mul(T2 a, T2 b) { return __hmul2(a, b); }
   static __device__ __forceinline__ T2 lo(T2 a) { return __low2bfloat162(a); }
@@ -308,10 +362,10 @@ __host__ __device__ constexpr int feature_kind(int f) {  // 0 one, 1 linear, 2 s
 template <typename T>
 struct PackedRow {
   using P = Packed<T>;
-  typename P::T2 xp[8];  // (x'_2k, x'_2k+1)
-  typename P::T2 xo[7];  // (x'_2k+1, x'_2k+2)
+  typename P::T2 xp[8];   // (x'_2k, x'_2k+1)
+  typename P::T2 xo[7];   // (x'_2k+1, x'_2k+2)
   typename P::T2 xb[16];  // (x'_i, x'_i)
-  float x[16];           // x' in float, for the features that straddle pairs
+  float x[16];            // x' in float, for the features that straddle pairs
 
   template <int J>
   __device__ __forceinline__ typename P::T2 pair_at() const {  // (x'_J, x'_J+1)
@@ -333,62 +387,119 @@ struct PackedRow {
   static __device__ __forceinline__ uint32_t as_u32(typename P::T2 v) {
     return *reinterpret_cast<const uint32_t*>(&v);
   }
-  template <int G>
-  __device__ __forceinline__ void store_group(T* row, float one) const {
-    uint4 u;
-    u.x = word<4 * G + 0>(one);
-    u.y = word<4 * G + 1>(one);
-    u.z = word<4 * G + 2>(one);
-    u.w = word<4 * G + 3>(one);
-    *reinterpret_cast<uint4*>(row + 8 * G) = u;
-  }
-  template <int G0, int... G>
-  __device__ __forceinline__ void store_groups(T* row, float one,
-                                               std::integer_sequence<int, G...>) const {
-    (store_group<G0 + G>(row, one), ...);
-  }
 };
 
-template <int G0, int NG, typename T>
-__device__ __forceinline__ void build_phi_row_packed(const T* src, T* dst, float sqrt_c,
-                                                     float one) {
-  using P = Packed<T>;
-  PackedRow<T> pr;
-  const uint4 a = *reinterpret_cast<const uint4*>(src);
-  const uint4 b = *reinterpret_cast<const uint4*>(src + 8);
-  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-  typename P::T2 sc;
-  *reinterpret_cast<uint32_t*>(&sc) = pack2<T>(sqrt_c, sqrt_c);
+// Destination of one token row in a phi tile: group G (features 8G..8G+7) is 16 contiguous bytes at
+// a[G & 3] + (G >> 2) * 4096.
+struct PhiRowDst {
+  uint32_t a[4];
+  __device__ __forceinline__ PhiRowDst(uint32_t tile, int tok) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    pr.xp[i] = P::mul(*reinterpret_cast<const typename P::T2*>(&w[i]), sc);
-    const float2 f = unpack2<T>(*reinterpret_cast<const uint32_t*>(&pr.xp[i]));
-    pr.x[2 * i] = f.x;
-    pr.x[2 * i + 1] = f.y;
+    for (int j = 0; j < 4; ++j) a[j] = tile + 2 * phi_off(tok, 8 * j);
   }
-#pragma unroll
-  for (int i = 0; i < 7; ++i) pr.xo[i] = P::odd(pr.xp[i], pr.xp[i + 1]);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    pr.xb[2 * i] = P::lo(pr.xp[i]);
-    pr.xb[2 * i + 1] = P::hi(pr.xp[i]);
-  }
-  pr.template store_groups<G0>(dst, one, std::make_integer_sequence<int, NG>{});
+  template <int G>
+  __device__ __forceinline__ uint32_t at() const { return a[G & 3] + (G >> 2) * 4096; }
+};
+
+template <typename Out, int G0, int... G>
+__device__ __forceinline__ void store_groups_float(const PhiRowDst& d, const float (&x)[16], float one,
+                                                   std::integer_sequence<int, G...>) {
+  auto one_group = [&](auto gc) {
+    constexpr int g = decltype(gc)::value;
+    uint4 u;
+    u.x = pack2<Out>(feature<8 * g + 0>(x, one), feature<8 * g + 1>(x, one));
+    u.y = pack2<Out>(feature<8 * g + 2>(x, one), feature<8 * g + 3>(x, one));
+    u.z = pack2<Out>(feature<8 * g + 4>(x, one), feature<8 * g + 5>(x, one));
+    u.w = pack2<Out>(feature<8 * g + 6>(x, one), feature<8 * g + 7>(x, one));
+    sts128(d.template at<g>(), u);
+  };
+  (one_group(std::integral_constant<int, G0 + G>{}), ...);
 }
 
-// ---- the kernel -------------------------------------------------------------------------------
+// fp16 phi(Q): every feature as bf16 hi (tile at d) + lo (the next tile), computed in float.
+template <int... G>
+__device__ __forceinline__ void store_groups_split(const PhiRowDst& d, const float (&x)[16],
+                                                   std::integer_sequence<int, G...>) {
+  auto one_group = [&](auto gc) {
+    constexpr int g = decltype(gc)::value;
+    uint4 h, l;
+    split_bf16x2(feature<8 * g + 0>(x, 1.f), feature<8 * g + 1>(x, 1.f), h.x, l.x);
+    split_bf16x2(feature<8 * g + 2>(x, 1.f), feature<8 * g + 3>(x, 1.f), h.y, l.y);
+    split_bf16x2(feature<8 * g + 4>(x, 1.f), feature<8 * g + 5>(x, 1.f), h.z, l.z);
+    split_bf16x2(feature<8 * g + 6>(x, 1.f), feature<8 * g + 7>(x, 1.f), h.w, l.w);
+    sts128(d.template at<g>(), h);
+    sts128(d.template at<g>() + kPhiTileBytes, l);
+  };
+  (one_group(std::integral_constant<int, G>{}), ...);
+}
+
+template <typename T, int G0, int... G>
+__device__ __forceinline__ void store_groups_packed(const PhiRowDst& d, const PackedRow<T>& pr,
+                                                    float one, std::integer_sequence<int, G...>) {
+  auto one_group = [&](auto gc) {
+    constexpr int g = decltype(gc)::value;
+    uint4 u;
+    u.x = pr.template word<4 * g + 0>(one);
+    u.y = pr.template word<4 * g + 1>(one);
+    u.z = pr.template word<4 * g + 2>(one);
+    u.w = pr.template word<4 * g + 3>(one);
+    sts128(d.template at<g>(), u);
+  };
+  (one_group(std::integral_constant<int, G0 + G>{}), ...);
+}
+
+// Feature groups [G0, G0 + NG) (8 features each) of phi(src row) into a phi tile, in T.
+// one = 0 zeroes the constant feature of a padding token (x itself is zero-filled).
+template <typename T, int G0, int NG>
+__device__ __forceinline__ void build_phi_row(const T* src, const PhiRowDst& d, float sqrt_c, float one,
+                                              bool packed_ok) {
+  if (packed_ok) {
+    using P = Packed<T>;
+    PackedRow<T> pr;
+    const uint4 a = *reinterpret_cast<const uint4*>(src);
+    const uint4 b = *reinterpret_cast<const uint4*>(src + 8);
+    const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    typename P::T2 sc;
+    *reinterpret_cast<uint32_t*>(&sc) = pack2<T>(sqrt_c, sqrt_c);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      pr.xp[i] = P::mul(*reinterpret_cast<const typename P::T2*>(&w[i]), sc);
+      const float2 f = unpack2<T>(*reinterpret_cast<const uint32_t*>(&pr.xp[i]));
+      pr.x[2 * i] = f.x;
+      pr.x[2 * i + 1] = f.y;
+    }
+#pragma unroll
+    for (int i = 0; i < 7; ++i) pr.xo[i] = P::odd(pr.xp[i], pr.xp[i + 1]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      pr.xb[2 * i] = P::lo(pr.xp[i]);
+      pr.xb[2 * i + 1] = P::hi(pr.xp[i]);
+    }
+    store_groups_packed<T, G0>(d, pr, one, std::make_integer_sequence<int, NG>{});
+  } else {
+    float x[16];
+    load_scaled_row(src, sqrt_c, x);
+    store_groups_float<T, G0>(d, x, one, std::make_integer_sequence<int, NG>{});
+  }
+}
+
+// ---- the kernel -----------------------------------------------------------------------------------
 
 template <typename T, bool kStateOnly>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     based_prefill_kernel(const BasedPrefillParams p, const int nseg, const int seg_chunks) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
-  using bf16 = __nv_bfloat16;
+  using namespace cute;
+  using A = Atoms<T>;
   constexpr bool kSplit = Smem<T>::kSplit;
+  static_assert(offsetof(Smem<T>, q) % 1024 == 0, "every wgmma tile starts 1 KB-aligned");
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_s = saddr(smem_raw);
+  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw + ((1024u - (raw_s & 1023u)) & 1023u));
+  const uint32_t s_phiq = saddr(sm.phiq), s_phik = saddr(sm.phik), s_w = saddr(sm.w);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;    // mma fragment coordinates
-  const int lj = lane >> 3, lr = lane & 7;  // ldmatrix: which 8x8 matrix, which row of it
+  const int lj = lane >> 3, lr = lane & 7;  // ldmatrix / stmatrix: which 8x8 matrix, which row of it
   const int bh = blockIdx.x, seg = blockIdx.y;
   const int b = bh / p.H, h = bh % p.H;
 
@@ -406,7 +517,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // sqrt(c) = 2^k
 
   // Running state, laid out as for_each_s / for_each_z say.
-  float s[Cfg::kNT][4];
+  float s[4 * Cfg::kNT];
   float zc[3][2][2];
   {
     const float* S0 = (!kStateOnly && p.S0) ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim
@@ -415,14 +526,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     const float* prev = (!kStateOnly && seg > 0)  // inclusive prefix of the earlier segments
                             ? ws + (int64_t(bh) * (nseg - 1) + seg - 1) * Cfg::kWsFloats
                             : nullptr;
-    // the workspace holds S^T in fragment order: float4 (warp * kNT + n) * 32 + lane is s[n][0..3]
-    const float4* prev_s =
-        prev ? reinterpret_cast<const float4*>(prev) + warp * Cfg::kNT * 32 + lane : nullptr;
-    for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
-      const float4 x = prev_s ? prev_s[n * 32] : make_float4(0.f, 0.f, 0.f, 0.f);  // one load per n
-      const float carried = e == 0 ? x.x : e == 1 ? x.y : e == 2 ? x.z : x.w;
-      s[n][e] = ((S0 && f < kCompactFeatures) ? S0[f * kValueDim + v] : 0.f) + carried;
-    });
+    // The workspace holds S^T in fragment order: float4 (warp * kNT + n) * 32 + lane is s[4n..4n+3],
+    // loaded whole (for_each_s's per-element form would load it as four scalars).
+#pragma unroll
+    for (int n = 0; n < Cfg::kNT; ++n) {
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (prev) x = reinterpret_cast<const float4*>(prev)[(warp * Cfg::kNT + n) * 32 + lane];
+      const float carried[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int f = 8 * n + 2 * t + (e & 1), v = 16 * warp + g + 8 * (e >> 1);
+        s[4 * n + e] = ((S0 && f < kCompactFeatures) ? S0[f * kValueDim + v] : 0.f) + carried[e];
+      }
+    }
     for_each_z(warp, t, [&](int j, int hh, int e, int f) {
       const bool ok = f < kCompactFeatures;
       zc[j][hh][e] = ((z0 && ok) ? z0[f] : 0.f) + ((prev && ok) ? prev[Cfg::kStateFloats + f] : 0.f);
@@ -430,22 +546,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   }
 
   // Chunk loads into stage c & 1, zero-filled past t_end. Each thread copies the same rows of
-  // every chunk: 16 bytes of q and k (row tid/2) and of v (rows tid/8 + 16i); its source
-  // pointers advance by one chunk per call, so calls must come in chunk order.
+  // every chunk: 16 bytes of q and k (row tid/2) and of v (rows tid/8 + 16i, into V's swizzled
+  // tile: + 2 KB per 16 rows); its source pointers advance by one chunk per call, so calls must come
+  // in chunk order.
   const int qk_row = tid >> 1, qk_col = 8 * (tid & 1), v_row = tid >> 3, v_col = 8 * (tid & 7);
   const T* qsrc = qg + (t_begin + qk_row) * p.q_sn + qk_col;
   const T* ksrc = kg + (t_begin + qk_row) * p.k_sn + qk_col;
   const T* vsrc = vg + (t_begin + v_row) * p.v_sn + v_col;
+  const uint32_t v_dst = saddr(sm.v[0]) + 2 * row128_off(v_row, v_col);
   auto issue_loads = [&](int c) {
     const int st = c & 1;
     const int64_t left = t_end - (t_begin + int64_t(c) * Cfg::kChunk);  // valid rows
     const bool ok = qk_row < left;
-    if (!kStateOnly) cp_async16(&sm.q[st][qk_row][qk_col], ok ? qsrc : qg, ok);
-    cp_async16(&sm.k[st][qk_row][qk_col], ok ? ksrc : kg, ok);
+    if (!kStateOnly) cp_async16(saddr(&sm.q[st][qk_row][qk_col]), ok ? qsrc : qg, ok);
+    cp_async16(saddr(&sm.k[st][qk_row][qk_col]), ok ? ksrc : kg, ok);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const bool okv = v_row + 16 * i < left;
-      cp_async16(&sm.v[st][v_row + 16 * i][v_col], okv ? vsrc + 16 * i * p.v_sn : vg, okv);
+      cp_async16(v_dst + st * int(sizeof(sm.v[0])) + i * 2048, okv ? vsrc + 16 * i * p.v_sn : vg, okv);
     }
     cp_async_commit();
     qsrc += Cfg::kChunk * p.q_sn;
@@ -453,11 +571,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     vsrc += Cfg::kChunk * p.v_sn;
   };
 
+  // ldmatrix rows of the z / den products: token 16m + lr + 8(lj & 1), features 16kk + 8(lj >> 1) for
+  // kk = warp + 4j sit at phi_lane + 512m + 4096j (16 tokens = 2 atoms, 64 features = 2 atom columns;
+  // the swizzle term depends on lr and the parity of kk only).
+  const int phi_lane = phi_off(lr + 8 * (lj & 1), 16 * warp + 8 * (lj >> 1));
+
+  // wgmma operands in shared memory (CuTe tensors, for the descriptors).
+  Tensor sW = Tiles::tensor<Tiles::W>(sm.w);
+  Tensor sPQ = Tiles::tensor<Tiles::PhiQ>(sm.phiq[0]);
+  Tensor sPQlo = Tiles::tensor<Tiles::PhiQ>(sm.phiq[kSplit ? 1 : 0]);  // fp16: the lo tile
+  Tensor sPK = Tiles::tensor<Tiles::PhiK>(sm.phik);
+  uint32_t xa[2 * Cfg::kNT];  // S^T as bf16 A registers: xa[4kb + j] for features 16kb..16kb+15
+  float o[32] = {};           // o^T: o[4n + e] = out[token 8n + 2t + (e & 1)][value 16w + g + 8(e >> 1)]
+
+  if (!kStateOnly && !den_on && tid < Cfg::kChunk) sm.inv[tid] = 1.f;  // numerator only: scale 1
+  // W's blocks above the diagonal (key block > query block) are never built, but o^T = V^T W^T reads
+  // all 64 x 64 of W: they must hold zeros, not whatever an earlier CTA left there (0 * NaN = NaN).
+  // Written once: nothing else writes them. The fence of chunk 0's phase 1 covers these stores.
+  if constexpr (!kStateOnly) {
+    for (int i = tid; i < Cfg::kChunk * 8; i += Cfg::kThreads) {  // 16-byte units: row r, columns c..c+7
+      const int r = i >> 3, c = 8 * (i & 7);
+      if ((c >> 4) > (r >> 4)) sts128(s_w + 2 * row128_off(r, c), make_uint4(0u, 0u, 0u, 0u));
+    }
+  }
   issue_loads(0);
   for (int c = 0; c < nchunks; ++c) {
     const int st = c & 1;
     const int64_t t0 = t_begin + int64_t(c) * Cfg::kChunk;
-    if (c + 1 < nchunks) {  // stage (c+1)&1 was last read before the previous iteration's end barrier
+    if (c + 1 < nchunks) {  // stage (c+1)&1 was last read (wgmma, waited) before the previous end barrier
       issue_loads(c + 1);
       cp_async_wait<1>();
     } else {
@@ -468,43 +609,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     // Phase 1: feature maps and W of the chunk.
     if constexpr (kStateOnly) {
       const int r = tid & 63;
+      const PhiRowDst d(s_phik, r);
       const float one = t0 + r < t_end ? 1.f : 0.f;
-      if (packed_ok) {
-        if (tid < 64)
-          build_phi_row_packed<0, 10>(sm.k[st][r], sm.phik[r], sqrt_c, one);
-        else
-          build_phi_row_packed<10, 10>(sm.k[st][r], sm.phik[r], sqrt_c, one);
-      } else {
-        if (tid < 64)
-          build_phi_row<T, 0, 10>(sm.k[st][r], sm.phik[r], sqrt_c, one);
-        else
-          build_phi_row<T, 10, 10>(sm.k[st][r], sm.phik[r], sqrt_c, one);
-      }
+      if (tid < 64)
+        build_phi_row<T, 0, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
+      else
+        build_phi_row<T, 10, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
     } else {
-      // phi(Q) meets the bf16 state: bf16, or bf16 hi + lo for fp16 inputs. That split build is
-      // the heavier one, so fp16 gives it to warps 2-3 (one W block fewer each below).
+      // phi(Q) meets the bf16 state: bf16, or bf16 hi + lo for fp16 inputs. That split build is the
+      // heavier one, so fp16 gives it to warps 2-3 (one W block fewer each below).
       if ((warp < 2) != kSplit) {
         const int r = kSplit ? tid - 64 : tid;
-        if constexpr (kSplit)
-          build_phi_row_split(sm.q[st][r], sm.phiq[0][r], sm.phiq[1][r], sqrt_c);
-        else if (packed_ok)
-          build_phi_row_packed<0, 20>(sm.q[st][r], sm.phiq[0][r], sqrt_c, 1.f);
-        else
-          build_phi_row<bf16, 0, 20>(sm.q[st][r], sm.phiq[0][r], sqrt_c, 1.f);
+        if constexpr (kSplit) {
+          float x[16];
+          load_scaled_row(sm.q[st][r], sqrt_c, x);
+          store_groups_split(PhiRowDst(s_phiq, r), x, std::make_integer_sequence<int, Cfg::kF / 8>{});
+        } else {
+          build_phi_row<T, 0, 20>(sm.q[st][r], PhiRowDst(s_phiq, r), sqrt_c, 1.f, packed_ok);
+        }
       } else {
         const int r = kSplit ? tid : tid - 64;
-        const float one = t0 + r < t_end ? 1.f : 0.f;
-        if (packed_ok)
-          build_phi_row_packed<0, 20>(sm.k[st][r], sm.phik[r], sqrt_c, one);
-        else
-          build_phi_row<T, 0, 20>(sm.k[st][r], sm.phik[r], sqrt_c, one);
+        build_phi_row<T, 0, 20>(sm.k[st][r], PhiRowDst(s_phik, r), sqrt_c, t0 + r < t_end ? 1.f : 0.f,
+                                packed_ok);
       }
-      // W block i = (m, kt), kt <= m, blocks numbered row by row; warp w takes i = w, w+4, w+8.
+      // W block i = (m, kt), kt <= m, numbered row by row; warp w takes i = w, w+4, w+8.
       for (int i = warp; i < 10; i += 4) {
         const int m = i >= 6 ? 3 : i >= 3 ? 2 : i >= 1 ? 1 : 0, kt = i - m * (m + 1) / 2;
         uint32_t qa[4], kb[4];  // kb: keys 16kt..+7 {kb0, kb1}, keys 16kt+8..+15 {kb2, kb3}
-        ldsm_x4(qa, &sm.q[st][16 * m + lr + 8 * (lj & 1)][8 * (lj >> 1)]);
-        ldsm_x4(kb, &sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]);
+        ldsm4(qa, saddr(&sm.q[st][16 * m + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
+        ldsm4(kb, saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
         float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
         mma<T>(ca, qa, kb[0], kb[1]);
         mma<T>(cb, qa, kb[2], kb[3]);
@@ -519,10 +652,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           }
         }
         const int r0 = 16 * m + g, k0 = 16 * kt + 2 * t;
-        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0][k0]) = pack2<T>(ca[0], ca[1]);
-        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0 + 8][k0]) = pack2<T>(ca[2], ca[3]);
-        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0][k0 + 8]) = pack2<T>(cb[0], cb[1]);
-        *reinterpret_cast<uint32_t*>(&sm.wo[0][r0 + 8][k0 + 8]) = pack2<T>(cb[2], cb[3]);
+        sts32(s_w + 2 * row128_off(r0, k0), pack2<T>(ca[0], ca[1]));
+        sts32(s_w + 2 * row128_off(r0 + 8, k0), pack2<T>(ca[2], ca[3]));
+        sts32(s_w + 2 * row128_off(r0, k0 + 8), pack2<T>(cb[0], cb[1]));
+        sts32(s_w + 2 * row128_off(r0 + 8, k0 + 8), pack2<T>(cb[2], cb[3]));
         if (den_on) {
           float d0 = (ca[0] + ca[1]) + (cb[0] + cb[1]), d1 = (ca[2] + ca[3]) + (cb[2] + cb[3]);
           d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
@@ -536,122 +669,55 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         }
       }
     }
+    fence_proxy_async_smem();  // this thread's phi / W stores and V copies, for wgmma
     __syncthreads();
 
-    // Phase 2: tensor-core products.
-    // V as the B operand of W V (k = token, n = value column): vb[kt] = {B(n0)[0], B(n0)[1],
-    // B(n1)[0], B(n1)[1]} for tokens 16kt..16kt+15. The same matrices in the A order of V^T phi(K)
-    // come from a second ldmatrix (a register permutation would cost moves at every mma).
-    float o[4][2][4];
-    if constexpr (!kStateOnly) {
-      // Intra-chunk: o = W V over key blocks kt <= query block m.
-      uint32_t vb[4][4];
-#pragma unroll
-      for (int kt = 0; kt < 4; ++kt)
-        ldsm_x4_t(vb[kt], &sm.v[st][16 * kt + lr + 8 * (lj & 1)][16 * warp + 8 * (lj >> 1)]);
-#pragma unroll
-      for (int m = 0; m < 4; ++m) {
-#pragma unroll
-        for (int nv = 0; nv < 2; ++nv)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[m][nv][e] = 0.f;
-#pragma unroll
-        for (int kt = 0; kt <= m; ++kt) {
-          uint32_t wa[4];
-          ldsm_x4(wa, &sm.wo[0][16 * m + lr + 8 * (lj & 1)][16 * kt + 8 * (lj >> 1)]);
-          mma<T>(o[m][0], wa, vb[kt][0], vb[kt][1]);
-          mma<T>(o[m][1], wa, vb[kt][2], vb[kt][3]);
-        }
-      }
+    // Phase 2: wgmma products, issued asynchronously, and the z / den products on mma.sync.
+    Tensor sV = Tiles::tensor<Tiles::V>(sm.v[st]);
 
-      // Inter-chunk: o += phi(Q) S, S rounded to bf16 straight from the accumulators. fp16
-      // inputs add hi.S_lo + lo.S_hi (lo.lo is below float32 rounding): a bf16 rounding of
-      // either side alone is coarser than the fp16 reference.
+    // den_inter with the old z over this warp's blocks kk = warp + 4j (all columns of phi(Q) z are
+    // equal: keep column 2t of rows 16m+g, 16m+g+8). fp16: z and phi(Q) as bf16 hi + lo.
+    auto den_products = [&]() {
+      float dz[4][2] = {{0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
-      for (int kk = 0; kk < Cfg::kF / 16; ++kk) {
-        uint32_t bh[4], bl[4];  // {b00, b01, b10, b11}: B fragments of n-tiles 2kk, 2kk+1
-        const int nt[4] = {2 * kk, 2 * kk + 1, 2 * kk, 2 * kk + 1}, e0[4] = {0, 0, 2, 2};
+      for (int j = 0; j < 3; ++j) {
+        const int kk = warp + 4 * j;
+        if (kk < Cfg::kF / 16) {
+          uint32_t bz[2], bzl[2];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if constexpr (kSplit)
-            split_bf16x2(s[nt[i]][e0[i]], s[nt[i]][e0[i] + 1], bh[i], bl[i]);
-          else
-            bh[i] = pack2<bf16>(s[nt[i]][e0[i]], s[nt[i]][e0[i] + 1]);
-        }
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          uint32_t a[4];
-          ldsm_x4(a, &sm.phiq[0][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
-          mma<bf16>(o[m][0], a, bh[0], bh[1]);
-          mma<bf16>(o[m][1], a, bh[2], bh[3]);
-          if constexpr (kSplit) {
-            mma<bf16>(o[m][0], a, bl[0], bl[1]);
-            mma<bf16>(o[m][1], a, bl[2], bl[3]);
-            ldsm_x4(a, &sm.phiq[1][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
-            mma<bf16>(o[m][0], a, bh[0], bh[1]);
-            mma<bf16>(o[m][1], a, bh[2], bh[3]);
+          for (int hh = 0; hh < 2; ++hh) {
+            if constexpr (kSplit)
+              split_bf16x2(zc[j][hh][0], zc[j][hh][1], bz[hh], bzl[hh]);
+            else
+              bz[hh] = pack2<bf16>(zc[j][hh][0], zc[j][hh][1]);
           }
-        }
-      }
-
-      // den_inter over this warp's z blocks kk = warp + 4j: every column of phi(Q) z is the
-      // same, keep column 2t of rows 16m+g, 16m+g+8.
-      if (den_on) {
-        float dz[4][2] = {{0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}};
-#pragma unroll
-        for (int j = 0; j < 3; ++j) {
-          const int kk = warp + 4 * j;
-          if (kk < Cfg::kF / 16) {
-            uint32_t bz[2], bzl[2];  // z split like S above
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              if constexpr (kSplit)
-                split_bf16x2(zc[j][hh][0], zc[j][hh][1], bz[hh], bzl[hh]);
-              else
-                bz[hh] = pack2<bf16>(zc[j][hh][0], zc[j][hh][1]);
-            }
-#pragma unroll
-            for (int m = 0; m < 4; ++m) {
-              uint32_t a[4];
-              ldsm_x4(a, &sm.phiq[0][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
-              float d[4];
-              mma_dc<bf16>(d, a, bz[0], bz[1], {dz[m][0], 0.f, dz[m][1], 0.f});
-              if constexpr (kSplit) {
-                mma<bf16>(d, a, bzl[0], bzl[1]);
-                ldsm_x4(a, &sm.phiq[1][16 * m + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
-                mma<bf16>(d, a, bz[0], bz[1]);
-              }
-              dz[m][0] = d[0];
-              dz[m][1] = d[2];
-            }
-          }
-        }
-        if (t == 0) {
 #pragma unroll
           for (int m = 0; m < 4; ++m) {
-            sm.den[16 * m + g][warp] = dz[m][0];
-            sm.den[16 * m + g + 8][warp] = dz[m][1];
+            uint32_t a[4];
+            const uint32_t row = s_phiq + 2 * (phi_lane + 512 * m + 4096 * j);
+            ldsm4(a, row);
+            float d[4];
+            mma_dc<bf16>(d, a, bz[0], bz[1], {dz[m][0], 0.f, dz[m][1], 0.f});
+            if constexpr (kSplit) {
+              mma<bf16>(d, a, bzl[0], bzl[1]);
+              ldsm4(a, row + kPhiTileBytes);
+              mma<bf16>(d, a, bz[0], bz[1]);
+            }
+            dz[m][0] = d[0];
+            dz[m][1] = d[2];
           }
         }
       }
-    }
-
-    // State: S^T += V^T phi(K) (after the inter product used the old state).
-#pragma unroll 1  // a rolled token loop keeps ptxas from hoisting 40 ldmatrix (spills)
-    for (int kt = 0; kt < 4; ++kt) {
-      uint32_t va[4];  // A operand of V^T: value rows g / g+8, tokens 2t / 2t+8
-      ldsm_x4_t(va, &sm.v[st][16 * kt + lr + 8 * (lj >> 1)][16 * warp + 8 * (lj & 1)]);
+      if (t == 0) {
 #pragma unroll
-      for (int np = 0; np < Cfg::kF / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, &sm.phik[16 * kt + lr + 8 * (lj & 1)][16 * np + 8 * (lj >> 1)]);
-        mma<T>(s[2 * np], va, bb[0], bb[1]);
-        mma<T>(s[2 * np + 1], va, bb[2], bb[3]);
+        for (int m = 0; m < 4; ++m) {
+          sm.den[16 * m + g][warp] = dz[m][0];
+          sm.den[16 * m + g + 8][warp] = dz[m][1];
+        }
       }
-    }
-    // z += 1^T phi(K) over this warp's blocks: the rows of the ones product are all equal,
-    // keep row g.
-    {
+    };
+    // z += 1^T phi(K) over this warp's blocks: the rows of the ones product are all equal, keep row g.
+    auto z_update = [&]() {
       const uint32_t one2 = pack2<T>(1.f, 1.f);
       const uint32_t ones[4] = {one2, one2, one2, one2};
 #pragma unroll
@@ -661,7 +727,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 #pragma unroll
           for (int kt = 0; kt < 4; ++kt) {
             uint32_t bb[4];
-            ldsm_x4_t(bb, &sm.phik[16 * kt + lr + 8 * (lj & 1)][16 * kk + 8 * (lj >> 1)]);
+            ldsm4_t(bb, s_phik + 2 * (phi_lane + 512 * kt + 4096 * j));
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
               float d[4];
@@ -672,32 +738,99 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           }
         }
       }
+    };
+    auto inter = [&](const auto& sB) {  // o^T += S^T(xa) phi(Q)^T (sB: a phi(Q) tile), 10 k-blocks
+#pragma unroll
+      for (int kb = 0; kb < Cfg::kF / 16; ++kb)
+        wgmma_rs<AtomInter>(&xa[4 * kb], kblock_desc<GM::Major::K, 64>(sB, 0, kb), o,
+                            std::make_index_sequence<32>{});
+    };
+
+    if constexpr (!kStateOnly) {
+      // S^T as the bf16 A operand (the old state: the update below is issued after); fp16: its hi part.
+#pragma unroll
+      for (int i = 0; i < 2 * Cfg::kNT; ++i) xa[i] = pack2<bf16>(s[2 * i], s[2 * i + 1]);
+      fence_regs(xa);
+      fence_regs(o);
+      fence_regs(s);
+      warpgroup_arrive();
+#pragma unroll
+      for (int kb = 0; kb < Cfg::kChunk / 16; ++kb)  // o^T = V^T W^T (from 0 each chunk)
+        wgmma_ss<typename A::Intra>(kblock_desc<GM::Major::MN, 64>(sV, 0, kb),
+                                    kblock_desc<GM::Major::K, 64>(sW, 0, kb), o,
+                                    kb == 0 ? GM::ScaleOut::Zero : GM::ScaleOut::One,
+                                    std::make_index_sequence<32>{});
+      inter(sPQ);
+      if constexpr (kSplit) inter(sPQlo);  // S_hi phi(Q)_lo
+      warpgroup_commit_batch();
+      if constexpr (kSplit) {  // S_lo phi(Q)_hi: xa is reused once the hi products are done
+        if (den_on) den_products();
+        warpgroup_wait<0>();
+        fence_regs(xa);
+        fence_regs(o);
+#pragma unroll
+        for (int i = 0; i < 2 * Cfg::kNT; ++i) {
+          uint32_t hi;
+          split_bf16x2(s[2 * i], s[2 * i + 1], hi, xa[i]);
+        }
+        fence_regs(xa);
+        fence_regs(o);
+        warpgroup_arrive();
+        inter(sPQ);
+        warpgroup_commit_batch();
+      }
+    } else {
+      fence_regs(s);
+      warpgroup_arrive();
+    }
+#pragma unroll
+    for (int kb = 0; kb < Cfg::kChunk / 16; ++kb) {  // S^T += V^T phi(K)
+      const uint64_t da = kblock_desc<GM::Major::MN, 64>(sV, 0, kb);
+      wgmma_ss<typename A::Upd128>(da, kblock_desc<GM::Major::MN, 128>(sPK, 0, kb), s,
+                                   GM::ScaleOut::One, std::make_index_sequence<64>{});
+      wgmma_ss<typename A::Upd32>(da, kblock_desc<GM::Major::MN, 32>(sPK, 4, kb), s + 64,
+                                  GM::ScaleOut::One, std::make_index_sequence<16>{});
+    }
+    warpgroup_commit_batch();
+    if constexpr (!kSplit) {
+      if (den_on) den_products();
+    }
+    z_update();
+    warpgroup_wait<0>();
+    fence_regs(s);
+    if constexpr (!kStateOnly) {
+      fence_regs(o);
+      fence_regs(xa);
     }
     __syncthreads();  // dens ready; every read of this stage, of phi and of W is done
 
     if constexpr (!kStateOnly) {
-      // Epilogue: normalise, stage this warp's 64 x 16 slice, store 32-byte row pieces.
-      auto& so = sm.wo[Smem<T>::kO];
-#pragma unroll
-      for (int m = 0; m < 4; ++m)
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int row = 16 * m + g + 8 * hr;
-          float inv = 1.f;
-          if (den_on) {
-            const float4 di = *reinterpret_cast<const float4*>(&sm.den[row][0]);
-            const float4 dw = *reinterpret_cast<const float4*>(&sm.den[row][4]);
-            float den = (di.x + di.y) + (di.z + di.w) + dw.x;  // slots 4 + kt, kt <= m only
-            if (m >= 1) den += dw.y;
-            if (m >= 2) den += dw.z;
-            if (m >= 3) den += dw.w;
-            inv = rcp_approx(den + p.eps);  // den >= 1/2
-          }
-#pragma unroll
-          for (int nv = 0; nv < 2; ++nv)
-            *reinterpret_cast<uint32_t*>(&so[row][16 * warp + 8 * nv + 2 * t]) =
-                pack2<T>(o[m][nv][2 * hr] * inv, o[m][nv][2 * hr + 1] * inv);
+      if (den_on) {
+        if (tid < Cfg::kChunk) {  // slots 4 + kt exist for kt <= m only
+          const float4 di = *reinterpret_cast<const float4*>(&sm.den[tid][0]);
+          const float4 dw = *reinterpret_cast<const float4*>(&sm.den[tid][4]);
+          const int m = tid >> 4;
+          float den = (di.x + di.y) + (di.z + di.w) + dw.x;
+          if (m >= 1) den += dw.y;
+          if (m >= 2) den += dw.z;
+          if (m >= 3) den += dw.w;
+          sm.inv[tid] = rcp_approx(den + p.eps);  // den >= 1/2
         }
+        __syncthreads();
+      }
+      // Epilogue: this thread holds o^T for values 16w+g(+8) and tokens 8n+2t(+1), n = 0..7.
+      // stmatrix.trans writes the 8x8 blocks as token rows of 8 values into the staging tile.
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t r[4];  // matrix i: tokens 8(2np + (i >> 1)) + 0..7, values 16w + 8(i & 1) + 0..7
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int n = 2 * np + (i >> 1), e0 = 2 * (i & 1);
+          const float2 iv = *reinterpret_cast<const float2*>(&sm.inv[8 * n + 2 * t]);
+          r[i] = pack2<T>(o[4 * n + e0] * iv.x, o[4 * n + e0 + 1] * iv.y);
+        }
+        stsm4_t(saddr(&sm.o[16 * np + 8 * (lj >> 1) + lr][16 * warp + 8 * (lj & 1)]), r);
+      }
       __syncwarp();
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -705,7 +838,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         const int64_t tok = t0 + row;
         if (tok < t_end)
           *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * half) =
-              *reinterpret_cast<const uint4*>(&so[row][16 * warp + 8 * half]);
+              *reinterpret_cast<const uint4*>(&sm.o[row][16 * warp + 8 * half]);
       }
     }
   }
@@ -718,7 +851,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 #pragma unroll
     for (int n = 0; n < Cfg::kNT; ++n)
       reinterpret_cast<float4*>(dst)[(warp * Cfg::kNT + n) * 32 + lane] =
-          make_float4(s[n][0], s[n][1], s[n][2], s[n][3]);
+          make_float4(s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3]);
     dst_z = dst + Cfg::kStateFloats;
   } else if (seg == nseg - 1 && p.S) {  // final state
     dst_S = p.S + int64_t(bh) * kCompactFeatures * kValueDim;
@@ -726,7 +859,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   }
   if (dst_S) {
     for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
-      if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[n][e];
+      if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[4 * n + e];
     });
   }
   if (dst_z && g == 0) {
@@ -768,7 +901,7 @@ Split choose_split(int B, int H, int N, int num_sms) {
 
 template <typename T>
 cudaError_t launch_typed(const BasedPrefillParams& p, Split sp, cudaStream_t stream) {
-  const int smem = int(sizeof(Smem<T>));
+  constexpr int smem = kSmemBytes<T>;
   const int64_t bh = int64_t(p.B) * p.H;
   auto full = based_prefill_kernel<T, false>;
   cudaError_t err = cudaFuncSetAttribute(full, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -800,7 +933,7 @@ cudaError_t based_prefill_launch(const BasedPrefillParams& p, cudaStream_t strea
   Split sp = choose_split(p.B, p.H, p.N, p.num_sms);
   if (p.workspace == nullptr) sp = {1, (p.N + Cfg::kChunk - 1) / Cfg::kChunk};  // unsplit fallback
   if (p.dtype == DType::kFloat16) return launch_typed<__half>(p, sp, stream);
-  if (p.dtype == DType::kBFloat16) return launch_typed<__nv_bfloat16>(p, sp, stream);
+  if (p.dtype == DType::kBFloat16) return launch_typed<bf16>(p, sp, stream);
   return cudaErrorInvalidValue;
 }
 
