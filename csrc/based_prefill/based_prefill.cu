@@ -5,18 +5,19 @@
 // The running state S^T (64 values x 160 features: the 153 compact ones padded) stays in wgmma
 // accumulator registers for the whole segment. Per chunk:
 //   phase 1 (CUDA cores, mma.sync m16n8k16): phi(Q), phi(K) and W = causal(1 + cA + (cA)^2/2),
-//     A = Q K^T, into shared memory in GMMA swizzled layouts; the rowsums of the float32 W (den_intra).
+//     A = Q K^T, into shared memory in GMMA swizzled layouts; the rowsums of the float32 W (den_intra);
+//     den_inter = phi(Q).z from the keys' moments (z is kept as sum k and the Gram matrix sum k k^T, see
+//     for_each_g: 2 mma.sync per warp and 12 for the Gram update instead of a 153-wide feature sum).
 //   phase 2 (the warpgroup's async wgmma: each shared operand is read once per chunk, not once per warp):
 //     o^T  = V^T W^T          m64n64k16 x 4               SS  (input dtype)
-//     o^T += S^T phi(Q)^T     m64n64k16 x 10              RS  (bf16: S and z can exceed fp16's range)
+//     o^T += S^T phi(Q)^T     m64n64k16 x 10              RS  (bf16: S can exceed fp16's range)
 //     S^T += V^T phi(K)       m64n128k16 + m64n32k16, x 4 SS  (input dtype, float32 accumulation)
-//     While these run, each warp does z += 1^T phi(K) and den_inter = phi(Q).z for its 16-feature
-//     blocks of z on mma.sync.
-//   epilogue: 1/den per token through shared memory, o^T scaled, written transposed (stmatrix.trans)
-//     into a staging tile, then 16-byte global stores.
+//     While these run, 1/(den + eps) per token goes to shared memory.
+//   epilogue: o^T scaled, written transposed (stmatrix.trans) into a staging tile, then 16-byte
+//     global stores.
 // Why o^T: the accumulator layout of S^T is, element for element, the register-A layout of m64nNk16,
 // so the inter product takes the state straight from its accumulators (one cvt per pair).
-// fp16 inputs: a bf16 operand is 3 bits coarser than fp16, so S, z and phi(Q) are split into bf16
+// fp16 inputs: a bf16 operand is 3 bits coarser than fp16, so S, G, q and phi(Q) are split into bf16
 // hi + lo and hi.hi + hi.lo + lo.hi are accumulated in float32 (~16-bit operands; lo.lo is below the
 // float32 rounding).
 //
@@ -105,8 +106,12 @@ struct Smem {
   T q[2][Cfg::kChunk][Cfg::kQKPitch];
   T k[2][Cfg::kChunk][Cfg::kQKPitch];
   T o[Cfg::kChunk][Cfg::kOPitch];  // output staging, token rows; warp w owns columns 16w..16w+15
-  float den[Cfg::kChunk][8];  // partial dens: [w] phi(Q).z over warp w's feature blocks, [4+kt] rowsum W
+  float den[Cfg::kChunk][8];  // partial dens: [0] phi(Q).z, [4 + kt] rowsum of W's block kt
   float inv[Cfg::kChunk];     // 1 / (den + eps)
+  // G before chunk c as bf16 mma B fragments (fp16: hi, lo) and ks, in buffer c & 1 (warp kZWarp writes
+  // the next chunk's while the other warps read this chunk's).
+  uint4 gfrag[2][kSplit ? 2 : 1][32];
+  float ks[2][16];
 };
 template <typename T>
 constexpr int kSmemBytes = int(sizeof(Smem<T>)) + 1024;  // + slack to align the base to 1 KB
@@ -162,14 +167,6 @@ __device__ __forceinline__ void mma<bf16>(float (&c)[4], const uint32_t (&a)[4],
       "{%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// d = a * b + c (the z and den products keep only some of d).
-template <typename T>
-__device__ __forceinline__ void mma_dc(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                       uint32_t b1, const float (&c)[4]) {
-  d[0] = c[0], d[1] = c[1], d[2] = c[2], d[3] = c[3];
-  mma<T>(d, a, b0, b1);
 }
 
 __device__ __forceinline__ float rcp_approx(float x) {  // MUFU.RCP alone, ~1 ulp
@@ -272,15 +269,23 @@ __device__ __forceinline__ void for_each_s(int warp, int g, int t, Fn&& fn) {
     for (int e = 0; e < 4; ++e) fn(n, e, 8 * n + 2 * t + (e & 1), 16 * warp + g + 8 * (e >> 1));
 }
 
-// zc[j][hh][e] holds z[f] of the feature block kk = warp + 4j (< 10): fn(j, hh, e, f).
+// z = sum of phi(k) over the past keys is kept as the keys' moments: cnt (the constant feature), ks = sum k
+// and the Gram matrix G = sum k k^T, in float32. With x' = sqrt(c) x, the compact z is
+//   z[0] = cnt, z[1 + i] = sqrt(c) ks_i, z[17 + i] = c G_ii / sqrt(2), z[quad(i, j)] = c G_ij (i < j),
+// and phi(q).z = cnt + c q.ks + (c^2 / 2) q^T G q. G and ks come from 16 mma.sync per chunk instead of
+// a 153-wide feature sum, and the products k_i k_j are exact in float32 (phi(K) rounds them).
+// Warp kZWarp holds G and ks as m16n8 accumulators: g[nt][e] = G[i][j], ksa[e] = ks[i] (every column)
+// with i = g + 8(e >> 1), j = 8nt + 2t + (e & 1): fn(nt, e, i, j).
+constexpr int kZWarp = 3;  // the warp with one W block fewer than warps 0 and 1
 template <typename Fn>
-__device__ __forceinline__ void for_each_z(int warp, int t, Fn&& fn) {
+__device__ __forceinline__ void for_each_g(int g, int t, Fn&& fn) {
 #pragma unroll
-  for (int j = 0; j < 3; ++j)
+  for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) fn(j, hh, e, 16 * (warp + 4 * j) + 8 * hh + 2 * t + e);
+    for (int e = 0; e < 4; ++e) fn(nt, e, g + 8 * (e >> 1), 8 * nt + 2 * t + (e & 1));
+}
+__device__ __forceinline__ int quad_feature(int i, int j) {  // compact index of x_i x_j, i < j
+  return 33 + 15 * i - i * (i - 1) / 2 + (j - i - 1);
 }
 
 // ---- feature map (compact order of common.h), resolved at compile time ----------------------------
@@ -516,9 +521,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   const bool den_on = !kStateOnly && p.normalize;
   const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // sqrt(c) = 2^k
 
-  // Running state, laid out as for_each_s / for_each_z say.
+  // Running state, laid out as for_each_s / for_each_g say (gm, ksa: warp kZWarp only).
   float s[4 * Cfg::kNT];
-  float zc[3][2][2];
+  float gm[2][4], ksa[4], cnt;
   {
     const float* S0 = (!kStateOnly && p.S0) ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim
                                              : nullptr;
@@ -539,11 +544,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         s[4 * n + e] = ((S0 && f < kCompactFeatures) ? S0[f * kValueDim + v] : 0.f) + carried[e];
       }
     }
-    for_each_z(warp, t, [&](int j, int hh, int e, int f) {
-      const bool ok = f < kCompactFeatures;
-      zc[j][hh][e] = ((z0 && ok) ? z0[f] : 0.f) + ((prev && ok) ? prev[Cfg::kStateFloats + f] : 0.f);
-    });
+    auto z_in = [&](int f) {
+      return (z0 ? z0[f] : 0.f) + (prev ? prev[Cfg::kStateFloats + f] : 0.f);
+    };
+    cnt = z_in(0);
+    if (warp == kZWarp) {
+      const float inv_c = 1.f / p.scale, inv_sqrt_c = 1.f / sqrt_c;
+      for_each_g(g, t, [&](int nt, int e, int i, int j) {
+        gm[nt][e] = (i == j ? 1.41421356237309515f * z_in(17 + i)
+                            : z_in(quad_feature(min(i, j), max(i, j)))) * inv_c;
+      });
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ksa[e] = z_in(1 + g + 8 * (e >> 1)) * inv_sqrt_c;
+    }
   }
+  // G's fragments for the den products (bf16 hi, fp16 inputs also lo) and ks, into buffer `buf`.
+  auto publish_g = [&](int buf) {
+    uint4 hi, lo;
+    if constexpr (kSplit) {
+      split_bf16x2(gm[0][0], gm[0][1], hi.x, lo.x);
+      split_bf16x2(gm[1][0], gm[1][1], hi.y, lo.y);
+      split_bf16x2(gm[0][2], gm[0][3], hi.z, lo.z);
+      split_bf16x2(gm[1][2], gm[1][3], hi.w, lo.w);
+      sm.gfrag[buf][1][lane] = lo;
+    } else {
+      hi = make_uint4(pack2<bf16>(gm[0][0], gm[0][1]), pack2<bf16>(gm[1][0], gm[1][1]),
+                      pack2<bf16>(gm[0][2], gm[0][3]), pack2<bf16>(gm[1][2], gm[1][3]));
+    }
+    sm.gfrag[buf][0][lane] = hi;
+    if (t == 0) {
+      sm.ks[buf][g] = ksa[0];
+      sm.ks[buf][g + 8] = ksa[2];
+    }
+  };
+  if (!kStateOnly && warp == kZWarp) publish_g(0);  // chunk 0's barrier publishes it
 
   // Chunk loads into stage c & 1, zero-filled past t_end. Each thread copies the same rows of
   // every chunk: 16 bytes of q and k (row tid/2) and of v (rows tid/8 + 16i, into V's swizzled
@@ -570,11 +604,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     ksrc += Cfg::kChunk * p.k_sn;
     vsrc += Cfg::kChunk * p.v_sn;
   };
-
-  // ldmatrix rows of the z / den products: token 16m + lr + 8(lj & 1), features 16kk + 8(lj >> 1) for
-  // kk = warp + 4j sit at phi_lane + 512m + 4096j (16 tokens = 2 atoms, 64 features = 2 atom columns;
-  // the swizzle term depends on lr and the parity of kk only).
-  const int phi_lane = phi_off(lr + 8 * (lj & 1), 16 * warp + 8 * (lj >> 1));
 
   // wgmma operands in shared memory (CuTe tensors, for the descriptors).
   Tensor sW = Tiles::tensor<Tiles::W>(sm.w);
@@ -669,74 +698,78 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         }
       }
     }
+    // den_inter of this warp's 16 queries with z before the chunk: Y = Q G (fp16: Q and G as bf16
+    // hi + lo), then cnt + sum_i q_i (c ks_i + (c^2 / 2) Y_i) over this lane's 4 columns and its quad.
+    if (den_on) {
+      uint32_t qa[4];
+      ldsm4(qa, saddr(&sm.q[st][16 * warp + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
+      const uint4 gh = sm.gfrag[st][0][lane];
+      float y0[4] = {0.f, 0.f, 0.f, 0.f}, y1[4] = {0.f, 0.f, 0.f, 0.f};  // columns 2t, 2t + 8 (+1)
+      if constexpr (kSplit) {
+        const uint4 gl = sm.gfrag[st][1][lane];
+        uint32_t qh[4], ql[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = unpack2<T>(qa[j]);
+          split_bf16x2(f.x, f.y, qh[j], ql[j]);
+        }
+        mma<bf16>(y0, qh, gh.x, gh.y);
+        mma<bf16>(y0, qh, gl.x, gl.y);
+        mma<bf16>(y0, ql, gh.x, gh.y);
+        mma<bf16>(y1, qh, gh.z, gh.w);
+        mma<bf16>(y1, qh, gl.z, gl.w);
+        mma<bf16>(y1, ql, gh.z, gh.w);
+      } else {
+        mma<bf16>(y0, qa, gh.x, gh.y);
+        mma<bf16>(y1, qa, gh.z, gh.w);
+      }
+      const float2 ka = *reinterpret_cast<const float2*>(&sm.ks[st][2 * t]);
+      const float2 kb = *reinterpret_cast<const float2*>(&sm.ks[st][2 * t + 8]);
+      auto part = [&](uint32_t q_lo, uint32_t q_hi, float y00, float y01, float y10, float y11) {
+        const float2 a = unpack2<T>(q_lo), b = unpack2<T>(q_hi);
+        return (a.x * fmaf(c2, y00, c1 * ka.x) + a.y * fmaf(c2, y01, c1 * ka.y)) +
+               (b.x * fmaf(c2, y10, c1 * kb.x) + b.y * fmaf(c2, y11, c1 * kb.y));
+      };
+      float d0 = part(qa[0], qa[2], y0[0], y0[1], y1[0], y1[1]);  // query 16w + g
+      float d1 = part(qa[1], qa[3], y0[2], y0[3], y1[2], y1[3]);  // query 16w + g + 8
+      d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+      d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+      d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+      d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+      if (t == 0) {
+        const float cnt_c = cnt + float(t0 - t_begin);
+        sm.den[16 * warp + g][0] = cnt_c + d0;
+        sm.den[16 * warp + g + 8][0] = cnt_c + d1;
+      }
+    }
+    if (warp == kZWarp) {  // G += K^T K, ks += K^T 1 over the chunk (padding rows are zero)
+      const uint32_t one2 = pack2<T>(1.f, 1.f);
+#pragma unroll
+      for (int kt = 0; kt < 4; ++kt) {
+        uint32_t a[4];  // K^T (rows i, tokens 16kt..): G is symmetric, so also K's B fragments
+        ldsm4_t(a, saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
+        mma<T>(gm[0], a, a[0], a[2]);
+        mma<T>(gm[1], a, a[1], a[3]);
+        mma<T>(ksa, a, one2, one2);
+      }
+      if (!kStateOnly) publish_g(st ^ 1);
+    }
     fence_proxy_async_smem();  // this thread's phi / W stores and V copies, for wgmma
     __syncthreads();
 
     // Phase 2: wgmma products, issued asynchronously, and the z / den products on mma.sync.
     Tensor sV = Tiles::tensor<Tiles::V>(sm.v[st]);
 
-    // den_inter with the old z over this warp's blocks kk = warp + 4j (all columns of phi(Q) z are
-    // equal: keep column 2t of rows 16m+g, 16m+g+8). fp16: z and phi(Q) as bf16 hi + lo.
-    auto den_products = [&]() {
-      float dz[4][2] = {{0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}};
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        const int kk = warp + 4 * j;
-        if (kk < Cfg::kF / 16) {
-          uint32_t bz[2], bzl[2];
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            if constexpr (kSplit)
-              split_bf16x2(zc[j][hh][0], zc[j][hh][1], bz[hh], bzl[hh]);
-            else
-              bz[hh] = pack2<bf16>(zc[j][hh][0], zc[j][hh][1]);
-          }
-#pragma unroll
-          for (int m = 0; m < 4; ++m) {
-            uint32_t a[4];
-            const uint32_t row = s_phiq + 2 * (phi_lane + 512 * m + 4096 * j);
-            ldsm4(a, row);
-            float d[4];
-            mma_dc<bf16>(d, a, bz[0], bz[1], {dz[m][0], 0.f, dz[m][1], 0.f});
-            if constexpr (kSplit) {
-              mma<bf16>(d, a, bzl[0], bzl[1]);
-              ldsm4(a, row + kPhiTileBytes);
-              mma<bf16>(d, a, bz[0], bz[1]);
-            }
-            dz[m][0] = d[0];
-            dz[m][1] = d[2];
-          }
-        }
-      }
-      if (t == 0) {
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          sm.den[16 * m + g][warp] = dz[m][0];
-          sm.den[16 * m + g + 8][warp] = dz[m][1];
-        }
-      }
-    };
-    // z += 1^T phi(K) over this warp's blocks: the rows of the ones product are all equal, keep row g.
-    auto z_update = [&]() {
-      const uint32_t one2 = pack2<T>(1.f, 1.f);
-      const uint32_t ones[4] = {one2, one2, one2, one2};
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        const int kk = warp + 4 * j;
-        if (kk < Cfg::kF / 16) {
-#pragma unroll
-          for (int kt = 0; kt < 4; ++kt) {
-            uint32_t bb[4];
-            ldsm4_t(bb, s_phik + 2 * (phi_lane + 512 * kt + 4096 * j));
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              float d[4];
-              mma_dc<T>(d, ones, bb[2 * hh], bb[2 * hh + 1], {zc[j][hh][0], zc[j][hh][1], 0.f, 0.f});
-              zc[j][hh][0] = d[0];
-              zc[j][hh][1] = d[1];
-            }
-          }
-        }
+    // 1 / (den + eps) of each query, while the wgmma products run.
+    auto den_to_inv = [&]() {
+      if (den_on && tid < Cfg::kChunk) {  // slots 4 + kt exist for kt <= m only
+        const float4 dw = *reinterpret_cast<const float4*>(&sm.den[tid][4]);
+        const int m = tid >> 4;
+        float den = sm.den[tid][0] + dw.x;
+        if (m >= 1) den += dw.y;
+        if (m >= 2) den += dw.z;
+        if (m >= 3) den += dw.w;
+        sm.inv[tid] = rcp_approx(den + p.eps);  // den >= 1/2
       }
     };
     auto inter = [&](const auto& sB) {  // o^T += S^T(xa) phi(Q)^T (sB: a phi(Q) tile), 10 k-blocks
@@ -764,7 +797,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       if constexpr (kSplit) inter(sPQlo);  // S_hi phi(Q)_lo
       warpgroup_commit_batch();
       if constexpr (kSplit) {  // S_lo phi(Q)_hi: xa is reused once the hi products are done
-        if (den_on) den_products();
+        den_to_inv();
         warpgroup_wait<0>();
         fence_regs(xa);
         fence_regs(o);
@@ -792,32 +825,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
                                   GM::ScaleOut::One, std::make_index_sequence<16>{});
     }
     warpgroup_commit_batch();
-    if constexpr (!kSplit) {
-      if (den_on) den_products();
-    }
-    z_update();
+    if constexpr (!kSplit) den_to_inv();
     warpgroup_wait<0>();
     fence_regs(s);
     if constexpr (!kStateOnly) {
       fence_regs(o);
       fence_regs(xa);
     }
-    __syncthreads();  // dens ready; every read of this stage, of phi and of W is done
+    __syncthreads();  // 1/den ready; every read of this stage, of phi and of W is done
 
     if constexpr (!kStateOnly) {
-      if (den_on) {
-        if (tid < Cfg::kChunk) {  // slots 4 + kt exist for kt <= m only
-          const float4 di = *reinterpret_cast<const float4*>(&sm.den[tid][0]);
-          const float4 dw = *reinterpret_cast<const float4*>(&sm.den[tid][4]);
-          const int m = tid >> 4;
-          float den = (di.x + di.y) + (di.z + di.w) + dw.x;
-          if (m >= 1) den += dw.y;
-          if (m >= 2) den += dw.z;
-          if (m >= 3) den += dw.w;
-          sm.inv[tid] = rcp_approx(den + p.eps);  // den >= 1/2
-        }
-        __syncthreads();
-      }
       // Epilogue: this thread holds o^T for values 16w+g(+8) and tokens 8n+2t(+1), n = 0..7.
       // stmatrix.trans writes the 8x8 blocks as token rows of 8 values into the staging tile.
 #pragma unroll
@@ -832,18 +849,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         stsm4_t(saddr(&sm.o[16 * np + 8 * (lj >> 1) + lr][16 * warp + 8 * (lj & 1)]), r);
       }
       __syncwarp();
+      // This warp's 16 values of 64 token rows: piece lane + 32i is row piece / 2, half piece % 2. All
+      // four loads are issued before the first store (one shared-memory round trip, not four).
+      uint4 piece[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        piece[i] = *reinterpret_cast<const uint4*>(&sm.o[(lane >> 1) + 16 * i][16 * warp + 8 * (lane & 1)]);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int piece = lane + 32 * i, row = piece >> 1, half = piece & 1;
-        const int64_t tok = t0 + row;
-        if (tok < t_end)
-          *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * half) =
-              *reinterpret_cast<const uint4*>(&sm.o[row][16 * warp + 8 * half]);
+        const int64_t tok = t0 + (lane >> 1) + 16 * i;
+        if (tok < t_end) *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * (lane & 1)) = piece[i];
       }
     }
   }
 
-  // z: lanes g == 0 hold this warp's blocks (all rows are equal).
   float* dst_S = nullptr;
   float* dst_z = nullptr;
   if constexpr (kStateOnly) {  // this segment's own contribution: S^T in fragment order, z
@@ -862,11 +881,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[4 * n + e];
     });
   }
-  if (dst_z && g == 0) {
-    for_each_z(warp, t, [&](int j, int hh, int e, int f) {
-      // The workspace copy keeps the zero padding too: the scan sums whole float4s.
-      if (f < (kStateOnly ? Cfg::kF : kCompactFeatures)) dst_z[f] = zc[j][hh][e];
+  if (dst_z && warp == kZWarp) {
+    for_each_g(g, t, [&](int nt, int e, int i, int j) {
+      if (i < j) dst_z[quad_feature(i, j)] = p.scale * gm[nt][e];
+      if (i == j) dst_z[17 + i] = p.scale * 0.70710678118654752f * gm[nt][e];
     });
+    if (t == 0) {
+      dst_z[1 + g] = sqrt_c * ksa[0];
+      dst_z[9 + g] = sqrt_c * ksa[2];
+    }
+    if (lane == 0) dst_z[0] = cnt + float(t_end - t_begin);
+    // The workspace copy keeps the zero padding too: the scan sums whole float4s.
+    if (kStateOnly && lane < Cfg::kF - kCompactFeatures) dst_z[kCompactFeatures + lane] = 0.f;
   }
 }
 
