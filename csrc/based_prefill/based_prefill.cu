@@ -272,7 +272,7 @@ __device__ __forceinline__ void for_each_s(int warp, int g, int t, Fn&& fn) {
 // z = sum of phi(k) over the past keys is kept as the keys' moments: cnt (the constant feature), ks = sum k
 // and the Gram matrix G = sum k k^T, in float32. With x' = sqrt(c) x, the compact z is
 //   z[0] = cnt, z[1 + i] = sqrt(c) ks_i, z[17 + i] = c G_ii / sqrt(2), z[quad(i, j)] = c G_ij (i < j),
-// and phi(q).z = cnt + c q.ks + (c^2 / 2) q^T G q. G and ks come from 16 mma.sync per chunk instead of
+// and phi(q).z = cnt + c q.ks + (c^2 / 2) q^T G q. G and ks come from 12 mma.sync per chunk instead of
 // a 153-wide feature sum, and the products k_i k_j are exact in float32 (phi(K) rounds them).
 // Warp kZWarp holds G and ks as m16n8 accumulators: g[nt][e] = G[i][j], ksa[e] = ks[i] (every column)
 // with i = g + 8(e >> 1), j = 8nt + 2t + (e & 1): fn(nt, e, i, j).
@@ -774,7 +774,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     fence_proxy_async_smem();  // this thread's phi / W stores and V copies, for wgmma
     __syncthreads();
 
-    // Phase 2: wgmma products, issued asynchronously, and the z / den products on mma.sync.
+    // Phase 2: wgmma products, issued asynchronously; 1/den meanwhile.
     Tensor sV = Tiles::tensor<Tiles::V>(sm.v[st]);
 
     // 1 / (den + eps) of each query, while the wgmma products run.
