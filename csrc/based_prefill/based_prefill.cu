@@ -274,7 +274,7 @@ __device__ __forceinline__ void for_each_s(int warp, int g, int t, Fn&& fn) {
 //   z[0] = cnt, z[1 + i] = sqrt(c) ks_i, z[17 + i] = c G_ii / sqrt(2), z[quad(i, j)] = c G_ij (i < j),
 // and phi(q).z = cnt + c q.ks + (c^2 / 2) q^T G q. G and ks come from 12 mma.sync per chunk instead of
 // a 153-wide feature sum, and the products k_i k_j are exact in float32 (phi(K) rounds them).
-// Warp kZWarp holds G and ks as m16n8 accumulators: g[nt][e] = G[i][j], ksa[e] = ks[i] (every column)
+// Warp kZWarp holds G and ks as m16n8 accumulators: gm[nt][e] = G[i][j], ksa[e] = ks[i] (every column)
 // with i = g + 8(e >> 1), j = 8nt + 2t + (e & 1): fn(nt, e, i, j).
 constexpr int kZWarp = 3;  // the warp with one W block fewer than warps 0 and 1
 template <typename Fn>
