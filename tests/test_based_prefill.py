@@ -58,7 +58,7 @@ def test_long_sequences_split_across_blocks(B, H, N, normalize):
 
 
 @requires_cuda
-@pytest.mark.parametrize("scale", [0.1, 0.5])
+@pytest.mark.parametrize("scale", [0.1, 0.5, 1e-40], ids=["0.1", "0.5", "subnormal"])
 def test_scale_and_eps(scale):
     run_and_check(2, 2, 100, torch.bfloat16, "cuda", False, True, False, scale=scale)
     q, k = (torch.randn(1, 2, 70, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))

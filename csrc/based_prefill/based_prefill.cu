@@ -548,14 +548,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       return (z0 ? z0[f] : 0.f) + (prev ? prev[Cfg::kStateFloats + f] : 0.f);
     };
     cnt = z_in(0);
-    if (warp == kZWarp) {
-      const float inv_c = 1.f / p.scale, inv_sqrt_c = 1.f / sqrt_c;
+    if (warp == kZWarp) {  // divided, not multiplied by 1/c: 1/c overflows for a subnormal scale
       for_each_g(g, t, [&](int nt, int e, int i, int j) {
         gm[nt][e] = (i == j ? 1.41421356237309515f * z_in(17 + i)
-                            : z_in(quad_feature(min(i, j), max(i, j)))) * inv_c;
+                            : z_in(quad_feature(min(i, j), max(i, j)))) / p.scale;
       });
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ksa[e] = z_in(1 + g + 8 * (e >> 1)) * inv_sqrt_c;
+      for (int e = 0; e < 4; ++e) ksa[e] = z_in(1 + g + 8 * (e >> 1)) / sqrt_c;
     }
   }
   // G's fragments for the den products (bf16 hi, fp16 inputs also lo) and ks, into buffer `buf`.
