@@ -31,6 +31,27 @@ def test_feature_maps_give_the_taylor_weight(scale):
     assert rel(compact, w) < TIGHT and rel(expanded, w) < TIGHT
 
 
+@pytest.mark.parametrize("scale", [0.25, 0.1, 1.0])
+def test_z_is_a_linear_map_of_the_key_moments(scale):
+    """The prefill kernel keeps z = sum_s phi(k_s) as count, ks = sum k and G = sum k k^T (its comment at
+    for_each_g): z[0] = n, z[1+i] = sqrt(c) ks_i, z[17+i] = c G_ii / sqrt(2), z[quad(i,j)] = c G_ij for i < j,
+    with quad(i,j) = 33 + 15i - i(i-1)/2 + (j-i-1), and phi(q).z = n + c q.ks + (c^2/2) q^T G q."""
+    k, q = torch.randn(37, 16, **F64), torch.randn(4, 16, **F64)
+    z = ref.feature_map_compact(k, scale).sum(0)
+    n, ks, G = k.shape[0], k.sum(0), k.T @ k
+    from_moments = torch.zeros(153, **F64)
+    from_moments[0] = n
+    from_moments[1:17] = math.sqrt(scale) * ks
+    from_moments[17:33] = scale * G.diagonal() / math.sqrt(2)
+    for i in range(16):
+        for j in range(i + 1, 16):
+            from_moments[33 + 15 * i - i * (i - 1) // 2 + (j - i - 1)] = scale * G[i, j]
+    assert rel(from_moments, z) < TIGHT
+    den = ref.feature_map_compact(q, scale) @ z
+    den_moments = n + scale * q @ ks + scale**2 / 2 * ((q @ G) * q).sum(-1)
+    assert rel(den_moments, den) < TIGHT
+
+
 def test_expanded_map_is_the_based_taylor_exp():
     """With c = 1/sqrt(d): [1, x / d^(1/4), x (x) x / (sqrt(2) sqrt(d))], the Based model's TaylorExp."""
     x = torch.randn(3, 16, **F64)
