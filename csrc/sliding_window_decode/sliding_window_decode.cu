@@ -141,15 +141,25 @@ struct Item {
     row = warp * Tile::kRowsPerWarp + lane / kChunks;
   }
 
+  // This thread's 8 values of the cache rows read at step i of the pass starting at slot `first`.
+  __device__ __forceinline__ const T* k_row(const SlidingWindowDecodeParams& p, int first, int i) const {
+    return static_cast<const T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + chunk * 8 +
+           slot(p, first, i) * p.kc_sw;
+  }
+  __device__ __forceinline__ const T* v_row(const SlidingWindowDecodeParams& p, int first, int i) const {
+    return static_cast<const T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + chunk * 8 +
+           slot(p, first, i) * p.vc_sw;
+  }
+  __device__ __forceinline__ int slot(const SlidingWindowDecodeParams& p, int first, int i) const {
+    return min(first + i * Tile::kRows + row, p.window - 1);
+  }
+
   __device__ __forceinline__ void load_pass(const SlidingWindowDecodeParams& p, int first,
                                             ItemLoads<kSteps>& L) const {
-    const T* kc = static_cast<const T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + chunk * 8;
-    const T* vc = static_cast<const T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + chunk * 8;
 #pragma unroll
     for (int i = 0; i < kSteps; ++i) {
-      const int slot = min(first + i * Tile::kRows + row, p.window - 1);
-      L.k[i] = ld16<Tile::kStreamHint>(kc + slot * p.kc_sw);
-      L.v[i] = ld16<Tile::kStreamHint>(vc + slot * p.vc_sw);
+      L.k[i] = ld16<Tile::kStreamHint>(k_row(p, first, i));
+      L.v[i] = ld16<Tile::kStreamHint>(v_row(p, first, i));
     }
   }
 
@@ -178,13 +188,10 @@ struct Item {
     a.q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + chunk * 8;
     a.kn = static_cast<const T*>(p.k_new) + b * p.kn_sb + h * p.kn_sh + chunk * 8;
     a.vn = static_cast<const T*>(p.v_new) + b * p.vn_sb + h * p.vn_sh + chunk * 8;
-    const T* kc = static_cast<const T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + chunk * 8;
-    const T* vc = static_cast<const T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + chunk * 8;
 #pragma unroll
     for (int i = 0; i < kSteps; ++i) {
-      const int slot = min(i * Tile::kRows + row, p.window - 1);
-      a.k[i] = kc + slot * p.kc_sw;
-      a.v[i] = vc + slot * p.vc_sw;
+      a.k[i] = k_row(p, 0, i);
+      a.v[i] = v_row(p, 0, i);
     }
     return a;
   }
