@@ -1,6 +1,6 @@
 """Run-to-run noise of the perf suite: the thresholds of perf/gate.py come from here.
 
-    python perf/noise_study.py [-n 5] [--append] [--session LABEL] [--keep-json DIR] [-- PYTEST_ARGS]
+    python perf/noise_study.py [-n 5] [--append [--retire SUBSTRING]] [--session LABEL] [--keep-json DIR] [-- PYTEST_ARGS]
     python perf/noise_study.py --from-json r1.json r2.json ... [--append] [--session LABEL]
     python perf/noise_study.py --held-out BASELINE.json [--out NOISE.json]
 
@@ -14,6 +14,10 @@ existing pytest-benchmark JSON files (--from-json), and writes perf/noise/<gpu-s
   their count ``n``, ``spread`` = max/min - 1 over all of them (what the gate uses: the baseline comes
   from another session, so between-session drift counts) and ``spread_within_session`` (the largest
   spread inside one session).
+
+--retire SUBSTRING (with --append, repeatable) first drops the earlier medians of every benchmark whose name
+contains SUBSTRING: the code it times has changed (a new kernel version), so the old code's noise no longer
+applies; the session records what it retired.
 
 --append merges into an existing file (refused if it was measured on another GPU); repetitions go to a
 new session unless --session names an existing one (to continue a session whose runs did not fit in one
@@ -68,6 +72,17 @@ def start_session(study: dict, label: str | None, machine_info: dict) -> str:
     study["sessions"].append({"label": label, "date": _now(),
                               "machine_info": _slim_machine_info(machine_info), "repetitions": []})
     return label
+
+
+def retire(study: dict, substrings: list[str], label: str) -> list[str]:
+    """Drop the medians of the benchmarks whose name contains one of `substrings` (their code changed) and
+    note it in session `label`. Returns the names dropped."""
+    gone = sorted(n for n in study["benchmarks"] if any(s in n for s in substrings))
+    for name in gone:
+        del study["benchmarks"][name]
+    session = next(s for s in study["sessions"] if s["label"] == label)
+    session.setdefault("retired", []).extend(substrings)
+    return gone
 
 
 def add_repetition(study: dict, label: str, run: dict, *, rc: int | None = None,
@@ -190,11 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="noise file (default perf/noise/<gpu-slug>.json)")
     p.add_argument("--append", action="store_true", help="merge into an existing noise file")
     p.add_argument("--session", help="session label (default: a new session-<k>)")
+    p.add_argument("--retire", action="append", default=[], metavar="SUBSTRING",
+                   help="with --append: drop the earlier medians of benchmarks whose name contains it")
     p.add_argument("--keep-json", type=Path, help="keep each repetition's JSON in this folder")
     p.add_argument("--held-out", type=Path, metavar="BASELINE",
                    help="gate each repetition of the noise file against BASELINE with thresholds from the "
                         "other repetitions; runs nothing")
     args = p.parse_args(argv)
+    if args.retire and not args.append:
+        p.error("--retire needs --append (it edits an existing noise file)")
     if args.held_out:
         return _held_out_main(args.held_out, args.out)
 
@@ -217,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"noise study: {out} exists: pass --append to add to it (or remove it)")
             study = json.loads(out.read_text()) if out.exists() else new_study(slug, info.get("gpu_name"))
             label = start_session(study, args.session, info)
+            if args.retire:
+                gone = retire(study, args.retire, label)
+                print(f"noise study: retired the earlier medians of {len(gone)} benchmark(s) matching {args.retire}")
         add_repetition(study, label, run, rc=rc, pytest_args=used_args)
         write(study, out)
 

@@ -180,6 +180,23 @@ def test_noise_study_merges_sessions_and_feeds_the_gate(tmp_path):
     assert limits[DEC32] == (pytest.approx(0.36), "noise")
 
 
+def test_noise_study_retire_drops_a_changed_kernels_old_noise(tmp_path):
+    out = tmp_path / "nvidia-h200.json"
+    assert noise_study.main(["--from-json", str(BASELINE), str(RUN), "--out", str(out)]) == 0
+    with pytest.raises(SystemExit):  # editing needs --append
+        noise_study.main(["--from-json", str(BASELINE), "--out", str(out), "--retire", "state_fp32"])
+    assert noise_study.main(["--from-json", str(BASELINE), "--out", str(out), "--append",
+                             "--retire", "attn_kernels-state_fp32"]) == 0
+    study = load(out)
+    # the retired benchmark keeps only the new session's median; the others keep every session's
+    assert study["benchmarks"][DEC32]["medians_s"] == {"session-2": [pytest.approx(10e-6)]}
+    assert study["benchmarks"][DEC32]["n"] == 1 and study["benchmarks"][DEC32]["spread"] is None
+    assert set(study["benchmarks"][DEC16]["medians_s"]) == {"session-1", "session-2"}
+    assert study["sessions"][1]["retired"] == ["attn_kernels-state_fp32"]
+    # so the gate falls back to its default for it until the new code's noise is measured
+    assert gate.thresholds(study, [DEC32])[DEC32][1] != "noise"
+
+
 def test_held_out_check_gates_each_repetition_with_the_others_noise(tmp_path, capsys):
     # one session: the baseline's own run, a rerun 1% slower everywhere, and RUN (DEC32 +12%, SWA 2x, ...)
     near = load(BASELINE)
