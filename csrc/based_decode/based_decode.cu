@@ -39,7 +39,10 @@ struct Half16<__nv_bfloat16> {
   }
 };
 
-// State elements: a 16-byte access holds kVec of them; math is float32 either way.
+// State elements: a 16-byte access holds kVec of them; math is float32 either way. The bf16 conversions
+// here and in load_in_vec are written out (shifts, one cvt per value) on purpose: the same step built with
+// cuda_bf16's pair intrinsics (__bfloat1622float2, __floats2bfloat162_rn) measured up to 19 % slower
+// (perf/notes/based_decode.md, "Conversions").
 template <typename T>
 struct StateElem;
 template <>
