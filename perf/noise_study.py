@@ -1,6 +1,7 @@
 """Run-to-run noise of the perf suite: the thresholds of perf/gate.py come from here.
 
-    python perf/noise_study.py [-n 5] [--append [--retire SUBSTRING]] [--session LABEL] [--keep-json DIR] [-- PYTEST_ARGS]
+    python perf/noise_study.py [-n 5] [--append [--retire SUBSTRING]] [--session LABEL] [--keep-json DIR]
+                               [-- PYTEST_ARGS]
     python perf/noise_study.py --from-json r1.json r2.json ... [--append] [--session LABEL]
     python perf/noise_study.py --held-out BASELINE.json [--out NOISE.json]
 
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             label = start_session(study, args.session, info)
             if args.retire:
                 gone = retire(study, args.retire, label)
-                print(f"noise study: retired the earlier medians of {len(gone)} benchmark(s) matching {args.retire}")
+                print(f"noise study: retired the earlier medians of {len(gone)} benchmark(s) "
+                      f"matching {args.retire}")
         add_repetition(study, label, run, rc=rc, pytest_args=used_args)
         write(study, out)
 
