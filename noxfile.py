@@ -1,4 +1,4 @@
-"""Sessions: build, test, perf, perf_save, plots, sanitize.
+"""Sessions: build, test, perf, perf_save, plots, sanitize, mutants.
 
     nox -s build perf    the main job on a GPU box: compile the kernels, benchmark against the stored baseline
     nox -s test          the correctness tests (GPU tests skip without a GPU)
@@ -110,3 +110,13 @@ def sanitize(session: nox.Session) -> None:
         session.run("compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
                     "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", SANITIZE_SUBSET, *session.posargs,
                     external=True)
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def mutants(session: nox.Session) -> None:
+    """Mutation testing on a GPU box (tests/mutants/run.py): the suite on the normal build, then every mutant
+    of csrc/common/mutants.h built and tested; writes tests/mutants/REPORT.md, fails if one survived.
+    `nox -s mutants -- NAME ...` runs only those; `-- --jobs J` sets the parallel builds."""
+    _build(session)
+    _ensure(session, TEST_REQUIRES)
+    session.run("python", "tests/mutants/run.py", *session.posargs)

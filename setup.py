@@ -8,10 +8,13 @@ Environment:
                            the CUTLASS/CuTe include folder (based_prefill's kernel uses CuTe); default: the
                            copy inside the nvidia-cutlass wheel (cutlass_library/source/include).
   MAX_JOBS                 parallel compile jobs (ninja), as usual for torch extensions.
+  ATTN_KERNELS_MUTANT      mutation testing only (tests/mutants/, `nox -s mutants`): compile in the one named
+                           bug of csrc/common/mutants.h. Never set for a real build.
 Without nvcc the package installs without _C, as with ATTN_KERNELS_NO_CUDA=1.
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -52,6 +55,20 @@ def _cutlass_include():
     )
 
 
+def _mutant_flags():
+    """-DATTN_KERNELS_MUTANT=<name> for a mutant build (a name from the catalog), else nothing."""
+    name = os.environ.get("ATTN_KERNELS_MUTANT")
+    if not name:
+        return []
+    with open(os.path.join(HERE, "csrc", "common", "mutants.h")) as f:
+        catalog = re.findall(r"^#define AK_MUTANT_(\w+) \d+", f.read(), re.M)
+    if name not in catalog:
+        raise RuntimeError(f"attn_kernels: ATTN_KERNELS_MUTANT={name!r} is not in csrc/common/mutants.h "
+                           f"(known: {', '.join(catalog)})")
+    print(f"attn_kernels: building MUTANT {name} (a deliberately wrong kernel, for mutation testing)")
+    return [f"-DATTN_KERNELS_MUTANT={name}"]
+
+
 def _extensions():
     if os.environ.get("ATTN_KERNELS_NO_CUDA") == "1":
         return [], {}
@@ -68,6 +85,7 @@ def _extensions():
     site = os.path.dirname(os.path.dirname(torch.__file__))
     include_dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
     arch = os.environ.get("ATTN_KERNELS_CUDA_ARCH", DEFAULT_ARCH).split()
+    mutant = _mutant_flags()
     nvcc_flags = [
         "-O3",
         "-std=c++17",
@@ -79,13 +97,14 @@ def _extensions():
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         *arch,
+        *mutant,
     ]
     sources = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/*/*.cu"))
     ext = CUDAExtension(
         name="attn_kernels._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", *mutant], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -4,23 +4,17 @@ Ops (semantics: spec.md; each is a torch.library custom op in the ``attn_kernels
     based_prefill          causal Based linear attention over a sequence, optionally returning its state
     based_decode           one generation step, state updated in place
     sliding_window_decode  softmax attention of a new token over its last `window` keys (ring-buffer cache)
-CPU tensors run the PyTorch reference (attn_kernels.reference); CUDA tensors run the kernels.
+CPU tensors run the PyTorch reference (attn_kernels.reference); CUDA tensors run the kernels, never the
+reference: without a kernel a CUDA call raises.
 """
 from . import reference
-from ._library import kernels_available, register_cuda_fallbacks
-from .based_decode import _reference_impl as _decode_reference
+from ._library import kernels_available, load_kernels
 from .based_decode import based_decode, empty_state
-from .based_prefill import _reference_impl as _prefill_reference
 from .based_prefill import based_prefill
 from .reference import state_from_expanded, state_to_expanded
-from .sliding_window_decode import _reference_impl as _swd_reference
 from .sliding_window_decode import sliding_window_decode
 
-register_cuda_fallbacks({
-    "based_prefill": _prefill_reference,
-    "based_decode": _decode_reference,
-    "sliding_window_decode": _swd_reference,
-})
+load_kernels()  # after the schemas above are defined
 
 __all__ = [
     "based_prefill",

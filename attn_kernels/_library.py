@@ -1,5 +1,8 @@
-"""The `attn_kernels` torch library: schemas are defined here in Python (so the package works without the
-compiled extension); the CUDA kernels register themselves from attn_kernels._C (csrc/binding.cpp)."""
+"""The `attn_kernels` torch library: schemas are defined here in Python (so the package imports without the
+compiled extension); the CUDA kernels register themselves from attn_kernels._C (csrc/binding.cpp).
+
+There is no fallback on CUDA: an op's CUDA dispatch is its kernel, or an error saying why there is none (the
+extension was not built, or it was built without that op). A CUDA call never runs the PyTorch reference."""
 from __future__ import annotations
 
 import torch
@@ -15,35 +18,32 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _load_extension() -> None:
+def kernels_available() -> bool:
+    """True when the compiled CUDA kernels (attn_kernels._C) are loaded with a kernel for every op."""
+    return _C_ERROR is None
+
+
+def _no_kernel(name: str):
+    def raise_no_kernel(*args, **kwargs):
+        raise RuntimeError(
+            f"attn_kernels.{name}: no CUDA kernel ({_C_ERROR}). Reinstall where nvcc and a CUDA build of "
+            "torch are present: pip install --no-build-isolation -e ."
+        )
+
+    return raise_no_kernel
+
+
+def load_kernels() -> None:
+    """Import _C (which registers the CUDA kernels). Every op it left without a CUDA kernel — all of them
+    when _C is missing — gets one that raises, so a CUDA call fails loudly instead of running elsewhere."""
     global _C_ERROR
     try:
         from . import _C  # noqa: F401  (registers the CUDA kernels)
     except ImportError as exc:
-        _C_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-def kernels_available() -> bool:
-    """True when the compiled CUDA kernels (attn_kernels._C) are loaded."""
-    return _C_ERROR is None
-
-
-def _not_built(name: str):
-    def raise_not_built(*args, **kwargs):
-        raise RuntimeError(
-            f"attn_kernels.{name}: the CUDA kernels were not built ({_C_ERROR}). Reinstall where nvcc and a "
-            "CUDA build of torch are present: pip install --no-build-isolation -e ."
-        )
-
-    return raise_not_built
-
-
-def register_cuda_fallbacks(reference_impls: dict) -> None:
-    """Load _C; an op with no compiled CUDA kernel then gets one: an error that says the kernels were not
-    built, or — when _C loaded but lacks that op — the PyTorch reference running on the GPU."""
-    _load_extension()
-    for name in OPS:
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "CUDA"):
-            continue
-        impl = _not_built(name) if _C_ERROR is not None else reference_impls[name]
-        LIB.impl(name, impl, "CUDA")
+        _C_ERROR = f"the extension attn_kernels._C was not built or does not load: {type(exc).__name__}: {exc}"
+    missing = [name for name in OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "CUDA")]
+    if missing and _C_ERROR is None:
+        _C_ERROR = f"attn_kernels._C was built without a CUDA kernel for {', '.join(missing)}"
+    for name in missing:
+        LIB.impl(name, _no_kernel(name), "CUDA")

@@ -56,7 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
   at::Tensor z = return_state ? at::empty({B, H, kCompactFeatures}, f32) : at::empty({0}, f32);
   at::Tensor S0c, z0c;
   if (S0.has_value()) {
-    S0c = S0->to(at::kFloat).contiguous();
+    S0c = (AK_MUTANT(binding_state_dtype) && S0->scalar_type() == at::kBFloat16)
+              ? at::zeros(S0->sizes(), S0->options().dtype(at::kFloat))
+              : S0->to(at::kFloat).contiguous();
     z0c = z0->to(at::kFloat).contiguous();
     TORCH_CHECK(S0c.numel() == int64_t(B) * H * kCompactFeatures * kValueDim &&
                     z0c.numel() == int64_t(B) * H * kCompactFeatures,
@@ -70,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
   p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
   p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
-  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sn = v.stride(2);
+  p.v_sb = v.stride(0); p.v_sn = v.stride(2);
+  p.v_sh = AK_MUTANT(binding_v_stride) ? v.size(2) * v.size(3) : v.stride(1);
   p.o = o.data_ptr();
   p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_sn = o.stride(2);
   p.S0 = S0.has_value() ? S0c.data_ptr<float>() : nullptr;
@@ -157,7 +160,9 @@ at::Tensor sliding_window_decode_cuda(const at::Tensor& q_in, const at::Tensor& 
 TORCH_LIBRARY_IMPL(attn_kernels, CUDA, m) {
   m.impl("based_prefill", &based_prefill_cuda);
   m.impl("based_decode", &based_decode_cuda);
+#if !AK_MUTANT(binding_op_missing)
   m.impl("sliding_window_decode", &sliding_window_decode_cuda);
+#endif
 }
 
 }  // namespace attn_kernels

@@ -124,5 +124,5 @@ def test_perf_based_decode(benchmark, perf_rounds, impl, state, B, H):
     footprint = B * H * (F * E + F) * itemsize  # the state each step touches
     K = timing.rotation_count(footprint, min_sets=4, max_sets=1024)
     sets = [make() for _ in range(K)]
-    with torch.no_grad(), timing.peer_errors_skip(impl, ak, OP):
+    with torch.no_grad(), timing.peer_errors_skip(impl, ak):
         timing.bench_graph(benchmark, step, sets, info, rounds=rounds, warmup_rounds=warmup)

@@ -122,7 +122,7 @@ def test_perf_based_generation(benchmark, perf_rounds, impl, ctx):
     # a softmax set (>= 1 GB of K, V) is far past the L2 already: 2 sets keep ctx 8192 under 9 GB
     K = timing.rotation_count(footprint, min_sets=4 if ak else 2, max_sets=1024)
     sets = [make() for _ in range(K)]
-    with torch.no_grad(), timing.peer_errors_skip(impl, ak, OP):
+    with torch.no_grad(), timing.peer_errors_skip(impl, ak):
         timing.bench_graph(benchmark, step, sets, info, rounds=rounds, warmup_rounds=warmup, context=context)
     if benchmark.stats is not None and not benchmark.disabled:
         tps = B / benchmark.stats.stats.median  # one token per sequence per step

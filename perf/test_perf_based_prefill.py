@@ -142,5 +142,5 @@ def test_perf_based_prefill(benchmark, perf_rounds, impl, mode, B, H, N):
     benchmark.group = f"{OP} B{B} H{H} N{N}"
     n_sets = timing.rotation_count(nbytes, min_sets=2, max_sets=8)
     sets = _make_sets(n_sets, B, H, N, layout)
-    with torch.no_grad(), timing.peer_errors_skip(impl, ak, OP):
+    with torch.no_grad(), timing.peer_errors_skip(impl, ak):
         timing.bench_eager(benchmark, fn, sets, info, rounds=rounds, warmup_rounds=warmup)

@@ -126,5 +126,5 @@ def test_perf_sliding_window_decode(benchmark, perf_rounds, impl, B, H, W, e):
     footprint = B * H * W * e * 2 * 2  # the window's K and V: what each call must read
     K = timing.rotation_count(footprint, min_sets=4, max_sets=1024)
     sets = [make() for _ in range(K)]
-    with torch.no_grad(), timing.peer_errors_skip(impl, ak, OP):
+    with torch.no_grad(), timing.peer_errors_skip(impl, ak):
         timing.bench_graph(benchmark, step, sets, info, rounds=rounds, warmup_rounds=warmup, context=context)

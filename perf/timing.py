@@ -119,9 +119,6 @@ def gpu_info(device: int = 0) -> dict[str, Any]:
         import attn_kernels as ak
 
         info["attn_kernels_compiled"] = bool(ak.kernels_available())
-        info["attn_kernels_reference_ops"] = [  # ops still served by the PyTorch reference on CUDA
-            op for op in ("based_prefill", "based_decode", "sliding_window_decode") if runs_reference(ak, op)
-        ]
     except Exception as exc:  # noqa: BLE001
         info["attn_kernels_compiled"] = f"import failed: {type(exc).__name__}"
     return info
@@ -460,13 +457,6 @@ class _Slowed:
         return getattr(self._ak, name)
 
 
-def runs_reference(ak, op: str) -> bool:
-    """True when attn_kernels.<op> has no compiled CUDA kernel yet and its CUDA dispatch is the PyTorch
-    reference registered from Python (attn_kernels._library.register_cuda_fallbacks)."""
-    lib = getattr(getattr(ak, "_library", None), "LIB", None)
-    return f"attn_kernels/{op}/CUDA" in getattr(lib, "_op_impls", set())
-
-
 def import_optional(module: str, what: str):
     """Import an optional peer's module or skip the test with the reason."""
     import importlib
@@ -483,19 +473,17 @@ import contextlib  # noqa: E402
 
 
 @contextlib.contextmanager
-def peer_errors_skip(impl: str, ak=None, op: str | None = None):
+def peer_errors_skip(impl: str, ak=None):
     """A peer that fails on this machine (no kernel for these inputs, not capturable, ...) is skipped with
-    the reason. attn_kernels failures fail the test -- except that an op still served by the PyTorch
-    reference fallback (its kernel not written yet) is skipped when it cannot be captured in a CUDA graph."""
+    the reason. attn_kernels failures (ak given) fail the test."""
     import pytest
 
     try:
         yield
     except NotCapturable as exc:
-        if ak is not None and not (op and runs_reference(ak, op)):
+        if ak is not None:
             raise
-        what = f"attn_kernels.{op} runs the PyTorch reference fallback, which" if ak is not None else impl
-        pytest.skip(f"{what}: not capturable in a CUDA graph here: {str(exc)[:400]}")
+        pytest.skip(f"{impl}: not capturable in a CUDA graph here: {str(exc)[:400]}")
     except Exception as exc:  # noqa: BLE001
         if ak is not None:
             raise

@@ -1,6 +1,10 @@
 """The three ops are proper torch.library custom ops: schemas with declared mutation, fake (meta)
 implementations that torch.compile traces, and opcheck's consistency tests. On the CPU here; the same
 checks run on the GPU against the kernels."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +12,7 @@ import attn_kernels as ak
 from attn_kernels import _library
 from harness import requires_cuda
 
+ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
@@ -82,20 +87,60 @@ def test_torch_compile_fullgraph_traces_all_ops(device):
     torch.testing.assert_close(swd[4], caches_eager[1])
 
 
-def test_cuda_call_without_kernels_says_so(monkeypatch):
-    """Where _C was not built, a CUDA call raises a clear error (the fallback registered for that case)."""
-    monkeypatch.setattr(_library, "_C_ERROR", "ImportError: No module named 'attn_kernels._C'")
-    with pytest.raises(RuntimeError, match="based_decode: the CUDA kernels were not built"):
-        _library._not_built("based_decode")(torch.zeros(1))
-
-
-def test_cuda_dispatch_has_an_implementation_for_every_op():
+def test_cuda_dispatch_is_the_compiled_kernel():
+    """With _C built (CI builds it), every op's CUDA dispatch comes from _C: no Python implementation is
+    registered for CUDA, so nothing can stand in for a kernel."""
+    if not ak.kernels_available():
+        pytest.skip(f"the extension was not built here: {_library._C_ERROR}")
     for name in _library.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "CUDA"), name
+        assert f"attn_kernels/{name}/CUDA" not in _library.LIB._op_impls, f"{name}: a Python CUDA impl"
+
+
+def test_missing_extension_makes_cuda_calls_raise():
+    """Without _C, each op's CUDA dispatch is an error that says why (never the PyTorch reference)."""
+    code = (
+        "import sys; sys.modules['attn_kernels._C'] = None\n"  # import of _C fails
+        "import torch, attn_kernels as ak\n"
+        "from attn_kernels import _library\n"
+        "assert not ak.kernels_available()\n"
+        "for name in _library.OPS:\n"
+        "    assert f'attn_kernels/{name}/CUDA' in _library.LIB._op_impls, name\n"
+        "try:\n"
+        "    _library._no_kernel('based_decode')(torch.zeros(1))\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "attn_kernels.based_decode: no CUDA kernel (the extension attn_kernels._C was not built" in out.stdout
 
 
 @requires_cuda
 def test_kernels_are_built_on_gpu_machines():
-    """On a GPU box the package must have been built with its kernels; the reference fallback would
-    silently make every GPU test and benchmark measure PyTorch."""
+    """On a GPU box the package must have been built with its kernels."""
     assert ak.kernels_available(), _library._C_ERROR
+
+
+KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the profiler records it
+    "based_prefill": "based_prefill_kernel",
+    "based_decode": "based_decode_kernel",
+    "sliding_window_decode": "sliding_window_decode_kernel",
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("op,make", [
+    pytest.param("based_prefill", prefill_args, id="based_prefill"),
+    pytest.param("based_decode", decode_args, id="based_decode"),
+    pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
+])
+def test_each_op_runs_its_kernel(op, make):
+    """The profiler sees the op's own kernel run: fails if anything else (e.g. PyTorch ops) served it."""
+    args = make("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        getattr(torch.ops.attn_kernels, op)(*args)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [n for n in names if KERNEL_NAMES[op] in n]
+    assert ours, f"{op}: kernel {KERNEL_NAMES[op]} not among the CUDA kernels that ran: {sorted(set(names))}"

@@ -174,9 +174,15 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
       const float xq = load_in(q + tid - 17), xk = load_in(k + tid - 17);
       fq = c2 * xq * xq, fk = c2 * xk * xk;
     } else {  // pair (i, j), i < j, row-major
-      int i = 0, r = tid - (1 + 2 * kFeatDim);
-      while (r >= kFeatDim - 1 - i) r -= kFeatDim - 1 - i, ++i;
-      const int j = i + 1 + r;
+      int i = 0, r = tid - (1 + 2 * kFeatDim), j;
+      if constexpr (AK_MUTANT(decode_pair_order)) {  // (0,1), (0,2), (1,2), (0,3), ...
+        j = 1;
+        while (r >= j) r -= j, ++j;
+        i = r;
+      } else {
+        while (r >= kFeatDim - 1 - i) r -= kFeatDim - 1 - i, ++i;
+        j = i + 1 + r;
+      }
       fq = p.scale * load_in(q + i) * load_in(q + j);
       fk = p.scale * load_in(k + i) * load_in(k + j);
     }
@@ -208,8 +214,9 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
       const float fk = phik_s[row], fq = phiq_s[row];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
+        const float s_old = s[e];
         s[e] = fmaf(fk, v[e], s[e]);
-        acc[e] = fmaf(fq, s[e], acc[e]);
+        acc[e] = fmaf(fq, AK_MUTANT(decode_read_before_update) ? s_old : s[e], acc[e]);
       }
       __stcs(reinterpret_cast<uint4*>(S + row * kValueDim), StateElem<St>::pack(s));
     }
@@ -230,7 +237,7 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
     float num = 0.f;
 #pragma unroll
     for (int w = 0; w < T::kWarps; ++w) num += red_s[w][tid];
-    if (p.normalize) {
+    if (p.normalize || AK_MUTANT(decode_normalize_ignored)) {
       float den = 0.f;
 #pragma unroll
       for (int w = 0; w < T::kFeatWarps; ++w) den += den_s[w];
@@ -241,13 +248,13 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
   }
 
   if constexpr (kSplit > 1) asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
-  if (split == 0 && tid < kF) StateElem<St>::store1(z + tid, z_new);
+  if (split == 0 && tid < kF && !AK_MUTANT(decode_z_not_updated)) StateElem<St>::store1(z + tid, z_new);
 }
 
 template <typename In, typename St, int kSplit, bool kPdl>
 cudaError_t launch_split(const BasedDecodeParams& p, int64_t heads, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(heads * kSplit));
+  cfg.gridDim = dim3(static_cast<unsigned>((heads - (AK_MUTANT(decode_last_head) ? 1 : 0)) * kSplit));
   cfg.blockDim = dim3(DecodeTile<In, St, kSplit>::kThreads);
   cfg.stream = stream;
   cudaLaunchAttribute attrs[2];

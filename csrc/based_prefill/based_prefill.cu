@@ -499,14 +499,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 
   const int64_t t_begin = int64_t(seg) * seg_chunks * Cfg::kChunk;
   const int64_t t_end = min(int64_t(p.N), t_begin + int64_t(seg_chunks) * Cfg::kChunk);
-  const int nchunks = int((t_end - t_begin + Cfg::kChunk - 1) / Cfg::kChunk);
+  const int nchunks = AK_MUTANT(prefill_tail_dropped) ? int((t_end - t_begin) / Cfg::kChunk)
+                                                     : int((t_end - t_begin + Cfg::kChunk - 1) / Cfg::kChunk);
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
   T* og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
   float* ws = static_cast<float*>(p.workspace);
-  const float sqrt_c = sqrtf(p.scale), c1 = p.scale, c2 = 0.5f * p.scale * p.scale;
+  const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
+  const float c2 = (AK_MUTANT(prefill_quad_scale) ? 1.f : 0.5f) * p.scale * p.scale;
+  const float c1k = AK_MUTANT(prefill_den_inter_ks) ? 0.f : c1;  // c of den_inter's c q.ks term
   const bool den_on = !kStateOnly && p.normalize;
   const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // sqrt(c) = 2^k
 
@@ -514,10 +517,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   float s[4 * Cfg::kNT];
   float gm[2][4], ksa[4], cnt;
   {
-    const float* S0 = (!kStateOnly && p.S0) ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim
+    const float* S0 = (!kStateOnly && p.S0 && !(AK_MUTANT(prefill_init_ignored_num) && !p.normalize)) ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim
                                              : nullptr;
     const float* z0 = (!kStateOnly && p.z0) ? p.z0 + int64_t(bh) * kCompactFeatures : nullptr;
-    const float* prev = (!kStateOnly && seg > 0)  // inclusive prefix of the earlier segments
+    const float* prev = (!kStateOnly && seg > 0 && !AK_MUTANT(prefill_split_carry))  // earlier segments' prefix
                             ? ws + (int64_t(bh) * (nseg - 1) + seg - 1) * Cfg::kWsFloats
                             : nullptr;
     // The workspace holds S^T in fragment order: float4 (warp * kNT + n) * 32 + lane is s[4n..4n+3],
@@ -682,7 +685,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           cb[e] = fmaf(cb[e], fmaf(cb[e], c2, c1), 1.f);
           if (m == kt) {  // diagonal block: key 2t+(e&1) (+8 for cb) vs query g + 8(e>>1)
             const int qrow = g + 8 * (e >> 1), key = 2 * t + (e & 1);
-            if (key > qrow) ca[e] = 0.f;
+            if (AK_MUTANT(prefill_causal_diag) ? key >= qrow : key > qrow) ca[e] = 0.f;
             if (key + 8 > qrow) cb[e] = 0.f;
           }
         }
@@ -732,8 +735,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       const float2 kb = *reinterpret_cast<const float2*>(&sm.ks[st][2 * t + 8]);
       auto part = [&](uint32_t q_lo, uint32_t q_hi, float y00, float y01, float y10, float y11) {
         const float2 a = unpack2<T>(q_lo), b = unpack2<T>(q_hi);
-        return (a.x * fmaf(c2, y00, c1 * ka.x) + a.y * fmaf(c2, y01, c1 * ka.y)) +
-               (b.x * fmaf(c2, y10, c1 * kb.x) + b.y * fmaf(c2, y11, c1 * kb.y));
+        return (a.x * fmaf(c2, y00, c1k * ka.x) + a.y * fmaf(c2, y01, c1k * ka.y)) +
+               (b.x * fmaf(c2, y10, c1k * kb.x) + b.y * fmaf(c2, y11, c1k * kb.y));
       };
       float d0 = part(qa[0], qa[2], y0[0], y0[1], y1[0], y1[1]);  // query 16w + g
       float d1 = part(qa[1], qa[3], y0[2], y0[3], y1[2], y1[3]);  // query 16w + g + 8
@@ -747,7 +750,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         sm.den[16 * warp + g + 8][0] = cnt_c + d1;
       }
     }
-    if (warp == kZWarp) {  // G += K^T K, ks += K^T 1 over the chunk (padding rows are zero)
+    if (warp == kZWarp && !(AK_MUTANT(prefill_z_last_chunk) && c + 1 == nchunks)) {  // G += K^T K, ks += K^T 1
+      // over the chunk (padding rows are zero)
       const uint32_t one2 = pack2<T>(1.f, 1.f);
 #pragma unroll
       for (int kt = 0; kt < 4; ++kt) {
@@ -760,7 +764,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       if (!kStateOnly) publish_g(st ^ 1);
     }
     fence_proxy_async_smem();  // this thread's phi / W stores and V copies, for wgmma
-    __syncthreads();
+    if constexpr (!AK_MUTANT(prefill_missing_barrier)) __syncthreads();
 
     // Phase 2: wgmma products, issued asynchronously; 1/den meanwhile.
     Tensor sV = Tiles::tensor<Tiles::V>(sm.v[st]);
@@ -774,7 +778,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         if (m >= 1) den += dw.y;
         if (m >= 2) den += dw.z;
         if (m >= 3) den += dw.w;
-        sm.inv[tid] = rcp_approx(den + p.eps);  // den >= 1/2
+        sm.inv[tid] = rcp_approx(den + (AK_MUTANT(prefill_eps_dropped) ? 0.f : p.eps));  // den >= 1/2
       }
     };
     auto inter = [&](const auto& sB) {  // o^T += S^T(xa) phi(Q)^T (sB: a phi(Q) tile), 10 k-blocks
@@ -833,6 +837,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     if constexpr (!kSplit) den_to_inv();
     warpgroup_wait<0>();
     fence_regs(s);
+    if constexpr (AK_MUTANT(prefill_state_bf16)) {
+#pragma unroll
+      for (int i = 0; i < 4 * Cfg::kNT; ++i) s[i] = __bfloat162float(__float2bfloat16_rn(s[i]));
+    }
     if constexpr (!kStateOnly) {
       fence_regs(o);
       fence_regs(xa);
@@ -943,7 +951,7 @@ cudaError_t launch_typed(const BasedPrefillParams& p, Split sp, cudaStream_t str
     if (err != cudaSuccess) return err;
     part<<<dim3(unsigned(bh), sp.nseg - 1), Cfg::kThreads, smem, stream>>>(p, sp.nseg,
                                                                            sp.seg_chunks);
-    if (sp.nseg > 2) {
+    if (sp.nseg > 2 && !AK_MUTANT(prefill_scan_skipped)) {
       const int64_t n = bh * (Cfg::kWsFloats / 4);
       based_prefill_scan_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(
           static_cast<float4*>(p.workspace), bh, sp.nseg - 1);

@@ -215,9 +215,11 @@ struct Item {
     const int window = p.window;
     const int pos = L.pos;
     // A negative position (bad input) writes nothing to the cache and NaN to the output.
-    const bool ok = pos >= 0;
-    const int newest = ok ? int(unsigned(pos) % unsigned(window)) : -1;  // slot of the new token
-    const int filled = pos >= window - 1 ? window : pos + 1;  // slots [0, filled) are in the window
+    const bool ok = pos >= 0 || AK_MUTANT(swd_negative_position);
+    const int newest = !ok ? -1  // slot of the new token
+                       : AK_MUTANT(swd_position_wrap) ? pos & (window - 1) : int(unsigned(pos) % unsigned(window));
+    // slots [0, filled) are in the window
+    const int filled = (pos >= window - 1 || AK_MUTANT(swd_unwritten_slots)) ? window : pos + 1;
 
     // The new token is its own row: its key / value come from k_new / v_new (the cache copy at
     // slot `newest` is masked), so the append below needs no ordering against the cache reads.
@@ -225,7 +227,7 @@ struct Item {
     float qf[8], tmp[8];
     P::unpack(L.q, qf);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) qf[k] *= p.scale * 1.4426950408889634f;
+    for (int k = 0; k < 8; ++k) qf[k] *= (AK_MUTANT(swd_scale_ignored) ? 1.f : p.scale) * 1.4426950408889634f;
     P::unpack(L.kn, tmp);
     float s_new = dot8(qf, tmp);
 #pragma unroll
@@ -259,7 +261,7 @@ struct Item {
         s[i] = dot8(qf, tmp);
 #pragma unroll
         for (int off = 1; off < kChunks; off *= 2) s[i] += __shfl_xor_sync(0xffffffffu, s[i], off);
-        valid[i] = slot < filled && slot != newest;
+        valid[i] = slot < filled && (slot != newest || AK_MUTANT(swd_window_off_by_one));
         if (valid[i]) pass_max = fmaxf(pass_max, s[i]);
       }
 #pragma unroll

@@ -1,0 +1,49 @@
+// Mutation testing (tests/mutants/, `nox -s mutants`): a build with -DATTN_KERNELS_MUTANT=<name>
+// (setup.py passes the ATTN_KERNELS_MUTANT environment variable through) compiles in exactly one named
+// bug; every normal build has none. The test suite must fail on each of them.
+//
+// The catalog: one line per mutant, `#define AK_MUTANT_<name> <id>  // <what the bug is>`.
+// tests/mutants/run.py reads these lines; a CPU test checks that each name is used in csrc/.
+#pragma once
+
+// based_prefill
+#define AK_MUTANT_prefill_split_carry 1    // split path: a segment ignores the state carried from earlier ones
+#define AK_MUTANT_prefill_scan_skipped 2   // split path: the prefix scan over segment states is not launched
+#define AK_MUTANT_prefill_tail_dropped 3   // the last partial chunk of 64 tokens is skipped (silent truncation)
+#define AK_MUTANT_prefill_causal_diag 4    // the causal mask drops the diagonal (token i does not see itself)
+#define AK_MUTANT_prefill_state_bf16 5     // the running state S is rounded to bf16 after every chunk
+#define AK_MUTANT_prefill_init_ignored_num 6  // initial_state ignored when normalize=False
+#define AK_MUTANT_prefill_z_last_chunk 7   // z (the keys' moments) misses the last chunk's keys
+#define AK_MUTANT_prefill_eps_dropped 8    // eps not added to the denominator
+#define AK_MUTANT_prefill_quad_scale 9     // the s^2 / 2 term computed with c^2 instead of c^2 / 2
+#define AK_MUTANT_prefill_den_inter_ks 10  // den from earlier chunks misses the linear term c q.sum(k)
+#define AK_MUTANT_prefill_missing_barrier 11  // no barrier between building phi / W and the wgmma that read them
+// based_decode
+#define AK_MUTANT_decode_z_not_updated 12  // z is not written back
+#define AK_MUTANT_decode_read_before_update 13  // o reads the state before this token's update
+#define AK_MUTANT_decode_normalize_ignored 14   // the numerator-only mode still divides
+#define AK_MUTANT_decode_pair_order 15     // the x_i x_j features enumerated column-major, not row-major
+#define AK_MUTANT_decode_last_head 16      // the grid misses the last (b, h) head
+// sliding_window_decode
+#define AK_MUTANT_swd_window_off_by_one 17  // the slot about to be overwritten is attended too (W + 1 keys)
+#define AK_MUTANT_swd_unwritten_slots 18   // slots never written (position < window - 1) are attended
+#define AK_MUTANT_swd_position_wrap 19     // slot = p & (W - 1) instead of p mod W
+#define AK_MUTANT_swd_negative_position 20  // a negative position is not refused on the device
+#define AK_MUTANT_swd_scale_ignored 21     // scores not multiplied by the scale
+// the binding (csrc/binding.cpp)
+#define AK_MUTANT_binding_v_stride 22      // v's head stride taken from a contiguous layout
+#define AK_MUTANT_binding_state_dtype 23   // a bfloat16 initial state dropped (read as zeros)
+#define AK_MUTANT_binding_op_missing 24    // sliding_window_decode's CUDA kernel not registered
+
+#define AK_MUTANT_CAT_(a, b) a##b
+#define AK_MUTANT_CAT(a, b) AK_MUTANT_CAT_(a, b)
+#ifdef ATTN_KERNELS_MUTANT
+#define AK_MUTANT_ID AK_MUTANT_CAT(AK_MUTANT_, ATTN_KERNELS_MUTANT)
+#if !(AK_MUTANT_ID > 0)
+#error "ATTN_KERNELS_MUTANT names no mutant of csrc/common/mutants.h"
+#endif
+#else
+#define AK_MUTANT_ID 0
+#endif
+// True in the build of that one mutant: `if constexpr (AK_MUTANT(prefill_tail_dropped)) ...`
+#define AK_MUTANT(name) (AK_MUTANT_ID == AK_MUTANT_##name)

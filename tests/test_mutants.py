@@ -1,0 +1,80 @@
+"""CPU checks of the mutation-testing machinery (tests/mutants/run.py, csrc/common/mutants.h, setup.py).
+The mutants themselves are built and killed on a GPU box: `nox -s mutants` writes tests/mutants/REPORT.md."""
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("mutants_run", ROOT / "tests" / "mutants" / "run.py")
+run = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = run  # dataclasses look their module up
+_spec.loader.exec_module(run)
+
+SOURCES = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cu", ".cpp", ".h", ".cuh")
+           and p.name != "mutants.h"]
+
+
+def test_catalog_has_named_unique_mutants_over_every_kernel_and_the_binding():
+    mutants = run.catalog()
+    assert len(mutants) >= 15
+    assert len({m.name for m in mutants}) == len(mutants) and len({m.ident for m in mutants}) == len(mutants)
+    assert all(m.ident > 0 and m.what for m in mutants)
+    assert {m.name.split("_", 1)[0] for m in mutants} == {"prefill", "decode", "swd", "binding"}
+
+
+@pytest.mark.parametrize("name", [m.name for m in run.catalog()])
+def test_every_mutant_is_compiled_in_somewhere(name):
+    uses = [p for p in SOURCES if re.search(rf"AK_MUTANT\({name}\)", p.read_text())]
+    assert uses, f"AK_MUTANT({name}) appears in no csrc file: the mutant would be the unmutated kernel"
+
+
+CXX = shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.mark.skipif(CXX is None, reason="needs a C++ preprocessor")
+def test_preprocessor_selects_exactly_one_mutant_and_rejects_unknown_names(tmp_path):
+    src = tmp_path / "probe.cpp"
+    src.write_text('#include "common/mutants.h"\n'
+                   'int on_split = AK_MUTANT(prefill_split_carry); int on_tail = AK_MUTANT(prefill_tail_dropped);\n')
+
+    def expand(*defs):
+        return subprocess.run([CXX, "-E", "-P", f"-I{ROOT / 'csrc'}", *defs, str(src)], capture_output=True,
+                              text=True)
+
+    normal = expand()
+    assert normal.returncode == 0 and "on_split = (0 == 1)" in normal.stdout and "on_tail = (0 == 3)" in normal.stdout
+    one = expand("-DATTN_KERNELS_MUTANT=prefill_tail_dropped")
+    assert one.returncode == 0 and "on_split = (3 == 1)" in one.stdout and "on_tail = (3 == 3)" in one.stdout
+    bad = expand("-DATTN_KERNELS_MUTANT=no_such_mutant")
+    assert bad.returncode != 0 and "names no mutant" in bad.stderr
+
+
+def test_setup_refuses_an_unknown_mutant_name():
+    env = dict(os.environ, ATTN_KERNELS_MUTANT="no_such_mutant")
+    env.pop("ATTN_KERNELS_NO_CUDA", None)
+    res = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env)
+    if "no CUDA toolchain found" in res.stdout:
+        pytest.skip("no nvcc here: setup.py builds without kernels and never reads the mutant")
+    assert res.returncode != 0 and "is not in csrc/common/mutants.h" in res.stderr
+
+
+def test_first_failure_is_the_first_failed_or_errored_test():
+    out = ("....F\n=== short test summary info ===\n"
+           "FAILED tests/test_based_prefill.py::test_matrix[B2-H3-N65-bf16-bhnd-norm-s0] - AssertionError: o\n"
+           "!!!!! stopping after 1 failures !!!!!\n")
+    assert run.first_failure(out) == "tests/test_based_prefill.py::test_matrix[B2-H3-N65-bf16-bhnd-norm-s0]"
+    assert run.first_failure("ERROR tests/test_x.py::test_y - RuntimeError\n") == "tests/test_x.py::test_y"
+    assert run.first_failure("5 passed in 1.0s\n") is None
+
+
+def test_the_mutated_ops_tests_run_first():
+    m = next(m for m in run.catalog() if m.name.startswith("swd_"))
+    files = run.test_files(m)
+    assert files[0].endswith("test_sliding_window_decode.py") and len(files) == len(set(files))
+    assert all(Path(f).is_file() for f in files)
