@@ -11,6 +11,9 @@ existing pytest-benchmark JSON files (--from-json), and writes perf/noise/<gpu-s
 
 * ``sessions``: one per device session (label, date, machine_info, the repetitions' dates / exit codes /
   pytest args);
+* ``excluded`` (written by hand, reviewed, kept by --append): {full test name: reason} of peers whose noise
+  would need a threshold above the gate's cap (gate.MAX_THRESHOLD); the gate reports them and does not gate
+  them. attn_kernels ids are never excluded (the gate refuses such a file);
 * ``benchmarks``: per full test name, the median of every repetition grouped by session (``medians_s``),
   their count ``n``, ``spread`` = max/min - 1 over all of them (what the gate uses: the baseline comes
   from another session, so between-session drift counts) and ``spread_within_session`` (the largest
@@ -62,7 +65,8 @@ def _slim_machine_info(info: dict) -> dict:
 
 
 def new_study(slug: str, gpu_name: str | None) -> dict:
-    return {"format": FORMAT, "gpu_slug": slug, "gpu_name": gpu_name, "sessions": [], "benchmarks": {}}
+    return {"format": FORMAT, "gpu_slug": slug, "gpu_name": gpu_name, "excluded": {}, "sessions": [],
+            "benchmarks": {}}
 
 
 def start_session(study: dict, label: str | None, machine_info: dict) -> str:
@@ -129,7 +133,8 @@ def held_out(study: dict, baseline: dict) -> list[tuple[str, int, gate.GateResul
     for session in study["sessions"]:
         label, reps = session["label"], session["repetitions"]
         for k in range(len(reps)):
-            run_medians, rest = {}, {"gpu_slug": study["gpu_slug"], "benchmarks": {}}
+            run_medians = {}
+            rest = {"gpu_slug": study["gpu_slug"], "excluded": study.get("excluded", {}), "benchmarks": {}}
             for name, entry in study["benchmarks"].items():
                 medians = entry["medians_s"]
                 if len(medians.get(label, [])) != len(reps):
