@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel-tests", type=int, default=4, help="mutants tested at a time on the GPU")
     ap.add_argument("--report", default=str(ROOT / "tests" / "mutants" / "REPORT.md"))
     ap.add_argument("--skip-clean", action="store_true", help="do not run the suite on the unmutated build")
+    ap.add_argument("--build-only", action="store_true", help="build the mutants, test none")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse a mutant already built in build/mutants/<name>/ (same sources) instead of rebuilding")
     args = ap.parse_args(argv)
     mutants = catalog()
     if args.names:
@@ -189,9 +192,22 @@ def main(argv: list[str] | None = None) -> int:
             print(out[-3000:])
             return 1
     per_build = max(1, (os.cpu_count() or 2) // args.jobs)
+
+    def build_or_reuse(m: Mutant) -> tuple[Path, str | None]:
+        lib = BUILD / m.name / "lib"
+        if args.reuse and list((lib / "attn_kernels").glob("_C*.so")):
+            return lib, None
+        return build(m, per_build)
+
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        built = dict(zip([m.name for m in mutants], pool.map(lambda m: build(m, per_build), mutants)))
-    print(f"built {len(mutants)} mutants in {time.time() - t0:.0f} s", flush=True)
+        built = dict(zip([m.name for m in mutants], pool.map(build_or_reuse, mutants)))
+    failed = [name for name, (_, err) in built.items() if err]
+    print(f"built {len(mutants)} mutants in {time.time() - t0:.0f} s"
+          + (f"; FAILED to build: {', '.join(failed)}" if failed else ""), flush=True)
+    if args.build_only:
+        for name in failed:
+            print(f"--- {name}\n{built[name][1]}")
+        return 1 if failed else 0
     with cf.ThreadPoolExecutor(args.parallel_tests) as pool:
         verdicts = list(pool.map(lambda m: judge(m, *built[m.name]), mutants))
     for v in verdicts:
