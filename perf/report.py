@@ -1,9 +1,11 @@
 """Plots and a Markdown report from stored perf runs (pytest-benchmark JSON).
 
-    python -m perf.report [RUN.json ...] [--out DIR]
+    python -m perf.report [RUN.json ...] [--out DIR] [--noise DIR] [--report-only]
 
 Without RUN.json: the newest baseline (highest NNNN_*.json) of every perf/baselines/<gpu-slug>/ folder.
-Writes DIR/plots/<gpu-slug>/*.png (matplotlib, Agg) and DIR/REPORT.md (DIR defaults to perf/). Output is
+Writes DIR/plots/<gpu-slug>/*.png (matplotlib, Agg) and DIR/REPORT.md (DIR defaults to perf/); REPORT.md
+ends with each GPU's regression-gate section (noise, thresholds, exclusions) from perf/noise/<gpu-slug>.json,
+so no README has to type those numbers. Output is
 deterministic: an unchanged run regenerates byte-identical files (sorted rows, fixed formats, no timestamps
 in the PNGs).
 
@@ -18,11 +20,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import gate
 from .timing import HBM_BYTES_PER_S, PEAK_FLOPS
 
 PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent
 BASELINES = PERF_DIR / "baselines"
+NOISE_DIR = PERF_DIR / "noise"
 
 OURS = ("attn_kernels", "based")  # implementation names of this package's kernels (based: the Based mixer)
 OP_ORDER = ("based_prefill", "based_decode", "sliding_window_decode", "based_generation")
@@ -372,8 +376,80 @@ def _generation_section(run: Run) -> list[str]:
     return lines
 
 
-def render_markdown(runs: list[Run]) -> str:
-    """REPORT.md for the runs, linking each run's plots as plots/<slug>/<name>.png (next to REPORT.md)."""
+# --------------------------------------------------------------------------------------------------
+# noise and gate thresholds (perf/noise/<gpu-slug>.json, perf/gate.py)
+# --------------------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def noise_summary(noise: dict, label: str) -> list[str]:
+    """The "Regression gate" section of REPORT.md for one noise file: how many benchmarks are gated at
+    which threshold (perf/gate.py's rule, cap included), the median spread, the worst of ours and every
+    reviewed exclusion with its reason. Generated, so the README never types these numbers."""
+    entries = noise.get("benchmarks", {})
+    excluded = gate.excluded_of(noise)
+    measured = {n: e for n, e in entries.items() if e.get("spread") is not None and e.get("n", 0) >= 2}
+    limits = gate.thresholds(noise, sorted(measured))
+    gated = {n: limits[n] for n in measured if n not in excluded}
+    at_floor = sum(t == gate.MIN_THRESHOLD for t, src, _ in gated.values())
+    capped = sorted(n for n, (_, src, _) in gated.items() if src == "capped")
+    between = len(gated) - at_floor - len(capped)
+    ours = {n: e for n, e in measured.items() if gate.is_ours(n)}
+    runs = sum(len(s.get("repetitions", [])) for s in noise.get("sessions", []))
+    rule = (f"min({gate.MAX_THRESHOLD:.0%}, max({gate.MIN_THRESHOLD:.0%}, {gate.NOISE_FACTOR:g} × spread))")
+    lines = [
+        f"## Regression gate — noise and thresholds, {noise.get('gpu_name') or noise.get('gpu_slug')} "
+        f"(`{label}`)",
+        "",
+        f"{len(noise.get('sessions', []))} device sessions, {runs} whole-suite runs; spread = max/min − 1 of "
+        f"a benchmark's medians over every run. Threshold = {rule} (`perf/gate.py`); "
+        f"{gate.DEFAULT_THRESHOLD:.0%} where no noise was measured.",
+        "",
+        "| benchmarks | count | spread: median | worst |",
+        "|---|--:|--:|--:|",
+    ]
+    for what, group in (("all measured", measured), ("attn_kernels' own", ours),
+                        ("peers", {n: e for n, e in measured.items() if n not in ours})):
+        spreads = [e["spread"] for e in group.values()]
+        worst = max(group, key=lambda n: group[n]["spread"]) if group else None
+        lines.append(f"| {what} | {len(group)} | {_pct(_median(spreads)) if spreads else '—'} | "
+                     + (f"{_pct(group[worst]['spread'])} (`{worst.split('::')[-1]}`)" if worst else "—")
+                     + " |")
+    lines += [
+        "",
+        "| gated at | benchmarks |",
+        "|---|--:|",
+        f"| the {gate.MIN_THRESHOLD:.0%} floor | {at_floor} |",
+        f"| above the floor, up to the cap ({gate.MIN_THRESHOLD:.0%} – {gate.MAX_THRESHOLD:.0%}) | "
+        f"{between} |",
+        f"| the {gate.MAX_THRESHOLD:.0%} cap (their noise would need more: measure them more stably) | "
+        f"{len(capped)} |",
+        f"| not gated: excluded peers (below) | {len(excluded)} |",
+        "",
+    ]
+    if capped:
+        lines += ["Gated at the cap (their noise would need more):", ""]
+        lines += [f"- `{n.split('::')[-1]}`: spread {_pct(entries[n]['spread'])}, n = {entries[n]['n']}, "
+                  f"{gate.NOISE_FACTOR:g} × spread = {_pct(gate.NOISE_FACTOR * entries[n]['spread'])}"
+                  for n in capped]
+        lines.append("")
+    if excluded:
+        lines += ["Excluded (reviewed list, `excluded` in the noise file; reported by the gate, not gated):",
+                  ""]
+        lines += [f"- `{n.split('::')[-1]}`: {why}" for n, why in sorted(excluded.items())]
+        lines.append("")
+    return lines
+
+
+def render_markdown(runs: list[Run], noises: list[tuple[dict, str]] = ()) -> str:
+    """REPORT.md for the runs, linking each run's plots as plots/<slug>/<name>.png (next to REPORT.md), and
+    a noise / gate section per (noise file, its label)."""
     out = [
         "<!-- GENERATED by `python -m perf.report` (`nox -s plots`): do not edit by hand, regenerate. -->",
         "# Benchmark report",
@@ -400,14 +476,27 @@ def render_markdown(runs: list[Run]) -> str:
             out += [f"### {op}", "", *_op_table(benches), ""]
         if generation_rows(run):
             out += [*_generation_section(run), ""]
+    for noise, label in noises:
+        out += ["", *noise_summary(noise, label)]
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def noise_files(runs: list[Run], noise_dir: Path = NOISE_DIR) -> list[tuple[dict, str]]:
+    """(noise file, its path label) of each run's GPU, where perf/noise/<gpu-slug>.json exists."""
+    out = []
+    for run in runs:
+        path = Path(noise_dir) / f"{run.slug}.json"
+        if path.is_file():
+            out.append((json.loads(path.read_text()), _path_label(path)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------
-def generate(paths: list[Path], out: Path) -> list[Path]:
-    """Write out/plots/<slug>/*.png and out/REPORT.md for the runs; returns the files written."""
+def generate(paths: list[Path], out: Path, noise_dir: Path = NOISE_DIR) -> list[Path]:
+    """Write out/plots/<slug>/*.png and out/REPORT.md (with the noise / gate section of each run's GPU from
+    noise_dir/<gpu-slug>.json) for the runs; returns the files written."""
     runs = [load_run(p) for p in paths]
     slugs = [r.slug for r in runs]
     dup = sorted({s for s in slugs if slugs.count(s) > 1})
@@ -418,7 +507,8 @@ def generate(paths: list[Path], out: Path) -> list[Path]:
     for run in sorted(runs, key=lambda r: r.slug):
         written += write_plots(run, Path(out) / "plots" / run.slug)
     report = Path(out) / "REPORT.md"
-    report.write_text(render_markdown(sorted(runs, key=lambda r: r.slug)))
+    runs = sorted(runs, key=lambda r: r.slug)
+    report.write_text(render_markdown(runs, noise_files(runs, noise_dir)))
     return written + [report]
 
 
@@ -427,11 +517,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="*", type=Path,
                     help="pytest-benchmark JSON files (default: the newest baseline of each GPU folder)")
     ap.add_argument("--out", type=Path, default=PERF_DIR, help="output folder (default: perf/)")
+    ap.add_argument("--noise", type=Path, default=NOISE_DIR,
+                    help="noise folder, <gpu-slug>.json per GPU (default: perf/noise/)")
+    ap.add_argument("--report-only", action="store_true", help="write REPORT.md only, no plots")
     args = ap.parse_args(argv)
     paths = args.runs or newest_baselines()
     if not paths:
         raise SystemExit(f"perf.report: no runs given and no baselines under {BASELINES}")
-    for path in generate(paths, args.out):
+    if args.report_only:
+        runs = sorted((load_run(p) for p in paths), key=lambda r: r.slug)
+        report = Path(args.out) / "REPORT.md"
+        report.write_text(render_markdown(runs, noise_files(runs, args.noise)))
+        print(report)
+        return 0
+    for path in generate(paths, args.out, args.noise):
         print(path)
     return 0
 

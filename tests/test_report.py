@@ -85,9 +85,11 @@ def test_generation_ratio_uses_the_faster_softmax(md):
 
 def test_generation_ratio_per_based_state(md):
     # one ratio column per Based variant: fp32 state (`based`) and bf16 state, same faster softmax
-    header = next(line for line in md.split("### Generation throughput", 1)[1].splitlines() if line.startswith("| shape"))
+    section = md.split("### Generation throughput", 1)[1]
+    header = next(line for line in section.splitlines() if line.startswith("| shape"))
     assert header.endswith("| faster softmax | based ÷ softmax | based_state_bf16 ÷ softmax |")
-    r2k = {r[0]: r for r in _table_rows(md, "Generation throughput (op `based_generation`)")}["B128 H16 ctx2048 e64"]
+    rows = {r[0]: r for r in _table_rows(md, "Generation throughput (op `based_generation`)")}
+    r2k = rows["B128 H16 ctx2048 e64"]
     cudnn = _median_us("softmax_sdpa_cudnn-B128-H16-ctx2048-bf16")
     assert r2k[-3] == "softmax_sdpa_cudnn"
     assert r2k[-2] == f"{cudnn / _median_us('based-B128-H16-ctx2048-bf16'):.2f}×"
@@ -125,3 +127,56 @@ def test_newest_baseline_per_gpu(tmp_path):
 def test_two_runs_of_one_gpu_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="more than one run of GPU nvidia-h200"):
         report.generate([FIXTURE, FIXTURE], tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the regression-gate section (noise, thresholds, exclusions): generated from perf/noise/<gpu-slug>.json
+# --------------------------------------------------------------------------------------------------
+NOISE_H200 = ROOT / "perf" / "noise" / "nvidia-h200.json"
+
+
+def _gate_section(md: str) -> str:
+    return "## Regression gate" + md.split("\n## Regression gate", 1)[1].split("\n## ", 1)[0]
+
+
+def _med(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def test_gate_section_counts_match_the_noise_data():
+    """Counted here from the raw medians, independently of perf/report.py and perf/gate.py's helpers."""
+    noise = json.loads(NOISE_H200.read_text())
+    spreads = {}
+    for name, e in noise["benchmarks"].items():
+        medians = [m for ms in e["medians_s"].values() for m in ms]
+        if len(medians) >= 2:
+            spreads[name] = max(medians) / min(medians) - 1
+    excluded = set(noise["excluded"])
+    ours = {n for n in spreads
+            if n.split("[")[1].split("-")[0] in ("attn_kernels", "based", "based_state_bf16")}
+    gated = {n: min(0.10, max(0.03, 3 * s)) for n, s in spreads.items() if n not in excluded}
+    floor = sum(abs(t - 0.03) < 1e-12 for t in gated.values())
+    cap = sum(3 * spreads[n] > 0.10 for n in gated)
+    md = report.render_markdown([report.load_run(FIXTURE)], [(noise, "perf/noise/nvidia-h200.json")])
+    section = _gate_section(md)
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")]
+                              for line in section.splitlines() if line.startswith("| "))}
+    assert rows["the 3% floor"][1] == str(floor)
+    assert rows["the 10% cap (their noise would need more: measure them more stably)"][1] == str(cap) == "2"
+    assert rows["above the floor, up to the cap (3% – 10%)"][1] == str(len(gated) - floor - cap)
+    assert rows["not gated: excluded peers (below)"][1] == str(len(excluded)) == "13"
+    assert rows["all measured"][1:3] == [str(len(spreads)), f"{100 * _med(spreads.values()):.2f} %"]
+    assert rows["attn_kernels' own"][1:3] == [str(len(ours)),
+                                              f"{100 * _med([spreads[n] for n in ours]):.2f} %"]
+    for name in excluded:  # every exclusion listed with its reason
+        assert f"- `{name.split('::')[1]}`: {noise['excluded'][name]}" in section
+
+
+def test_committed_report_has_the_current_gate_section():
+    """perf/REPORT.md's gate section is what `python -m perf.report` makes from the committed noise file:
+    regenerate (`nox -s plots`, or `python -m perf.report --report-only`) whenever the noise file changes."""
+    committed = (ROOT / "perf" / "REPORT.md").read_text()
+    noise = json.loads(NOISE_H200.read_text())
+    assert _gate_section(committed).rstrip() == "\n".join(
+        report.noise_summary(noise, "perf/noise/nvidia-h200.json")).rstrip()
