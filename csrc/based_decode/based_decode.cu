@@ -20,27 +20,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/convert.h"
+#include "../common/feature_order.h"
+#include "../common/ptx.h"
+
 namespace attn_kernels {
 namespace {
 
-// 16-bit input/output elements (q, k, v, o) <-> float.
-template <typename T>
-struct Half16;
-template <>
-struct Half16<__half> {
-  static __device__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
-template <>
-struct Half16<__nv_bfloat16> {
-  static __device__ float to_float(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
-  static __device__ uint16_t from_float(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-};
-
 // State elements: a 16-byte access holds kVec of them; math is float32 either way. The bf16 conversions
-// here and in load_in_vec are written out (shifts, one cvt per value) on purpose: the same step built with
+// here and in load_in_vec are convert.h's written-out form on purpose: the same step built with
 // cuda_bf16's pair intrinsics (__bfloat1622float2, __floats2bfloat162_rn) measured up to 19 % slower
 // (perf/notes/based_decode.md, "Conversions").
 template <typename T>
@@ -62,20 +50,10 @@ struct StateElem<float> {
 template <>
 struct StateElem<__nv_bfloat16> {
   static constexpr int kVec = 8;
-  static __device__ void unpack(uint4 u, float (&x)[8]) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      x[2 * i] = __uint_as_float(w[i] << 16);
-      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  }
-  static __device__ uint32_t pack2(float lo, float hi) {
-    return uint32_t(Half16<__nv_bfloat16>::from_float(lo)) |
-           (uint32_t(Half16<__nv_bfloat16>::from_float(hi)) << 16);
-  }
+  static __device__ void unpack(uint4 u, float (&x)[8]) { unpack8<__nv_bfloat16>(u, x); }
   static __device__ uint4 pack(const float (&x)[8]) {
-    return make_uint4(pack2(x[0], x[1]), pack2(x[2], x[3]), pack2(x[4], x[5]), pack2(x[6], x[7]));
+    return make_uint4(bf16x2_pack_each(x[0], x[1]), bf16x2_pack_each(x[2], x[3]),
+                      bf16x2_pack_each(x[4], x[5]), bf16x2_pack_each(x[6], x[7]));
   }
   static __device__ float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
   static __device__ void store1(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
@@ -140,7 +118,7 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
 
   // cudaGridDependencySynchronize(): the previous kernel (maybe the previous step on this very state)
   // has completed and its writes are visible.
-  if constexpr (kPdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (kPdl) griddep_wait();
 
   // Issue every state load first; nothing below the barrier depends on them until the update.
   St* S = static_cast<St*>(p.S) + head * (kF * kValueDim) + col0 + cv * kVec;
@@ -153,7 +131,7 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
   }
   // cudaTriggerProgrammaticLaunchCompletion(): the next kernel's blocks may now be scheduled; they wait
   // above for this whole grid to finish. Placed after the wait, so at most two steps are resident.
-  if constexpr (kPdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if constexpr (kPdl) griddep_launch_dependents();
   float v[kVec];
   load_in_vec<In, kVec>(static_cast<const In*>(p.v) + b * p.v_sb + h * p.v_sh + col0 + cv * kVec, v);
 
@@ -166,25 +144,25 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
     float fq, fk;
     if (tid == 0) {
       fq = fk = 1.f;
-    } else if (tid <= kFeatDim) {
+    } else if (tid < kSquareFeature0) {
       const float rc = sqrtf(p.scale);
-      fq = rc * load_in(q + tid - 1), fk = rc * load_in(k + tid - 1);
-    } else if (tid <= 2 * kFeatDim) {
+      fq = rc * load_in(q + tid - kLinearFeature0), fk = rc * load_in(k + tid - kLinearFeature0);
+    } else if (tid < kPairFeature0) {
       const float c2 = p.scale * 0.70710678118654752f;  // c / sqrt(2)
-      const float xq = load_in(q + tid - 17), xk = load_in(k + tid - 17);
+      const float xq = load_in(q + tid - kSquareFeature0), xk = load_in(k + tid - kSquareFeature0);
       fq = c2 * xq * xq, fk = c2 * xk * xk;
-    } else {  // pair (i, j), i < j, row-major
-      int i = 0, r = tid - (1 + 2 * kFeatDim), j;
+    } else {  // pair (i, j), i < j, in feature_order.h's order
+      FeaturePair ij;
       if constexpr (AK_MUTANT(decode_pair_order)) {  // (0,1), (0,2), (1,2), (0,3), ...
-        j = 1;
-        while (r >= j) r -= j, ++j;
-        i = r;
+        int r = tid - kPairFeature0;
+        ij.j = 1;
+        while (r >= ij.j) r -= ij.j, ++ij.j;
+        ij.i = r;
       } else {
-        while (r >= kFeatDim - 1 - i) r -= kFeatDim - 1 - i, ++i;
-        j = i + 1 + r;
+        ij = feature_pair(tid);
       }
-      fq = p.scale * load_in(q + i) * load_in(q + j);
-      fk = p.scale * load_in(k + i) * load_in(k + j);
+      fq = p.scale * load_in(q + ij.i) * load_in(q + ij.j);
+      fk = p.scale * load_in(k + ij.i) * load_in(k + ij.j);
     }
     phik_s[tid] = fk, phiq_s[tid] = fq;
     z_new = StateElem<St>::load1(z + tid) + fk;
@@ -192,7 +170,7 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
   }
   if constexpr (kSplit > 1) {
     // This block has read z (its value is used above); split 0 may overwrite it after the wait.
-    asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+    cluster_arrive_release();
   }
   if (warp < T::kFeatWarps) {
 #pragma unroll
@@ -247,7 +225,7 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
     *reinterpret_cast<uint16_t*>(o) = Half16<In>::from_float(num);
   }
 
-  if constexpr (kSplit > 1) asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
+  if constexpr (kSplit > 1) cluster_wait_acquire();
   if (split == 0 && tid < kF && !AK_MUTANT(decode_z_not_updated)) StateElem<St>::store1(z + tid, z_new);
 }
 
@@ -310,6 +288,8 @@ constexpr int64_t kMinBlocks = 64;
 }  // namespace
 
 cudaError_t based_decode_launch(const BasedDecodeParams& p, cudaStream_t stream) {
+  if (!is_io_dtype(p.dtype) || !is_state_dtype(p.state_dtype) || p.B < 0 || p.H < 0)
+    return cudaErrorInvalidValue;
   const int64_t heads = int64_t(p.B) * p.H;
   int split = 1;
   while (split < 8 && heads * split < kMinBlocks) split *= 2;

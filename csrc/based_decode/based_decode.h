@@ -1,8 +1,9 @@
 // Plain launcher for based_decode (semantics: spec.md). Caller (the binding) guarantees:
 // pointers 16-byte aligned, last-dim stride 1, other strides multiples of 8 elements,
-// the state contiguous, dtype in {kFloat16, kBFloat16}, state_dtype in {kFloat32, kBFloat16}.
+// the state contiguous. The launcher refuses (cudaErrorInvalidValue, nothing launched) a dtype other
+// than kFloat16 / kBFloat16, a state_dtype other than kFloat32 / kBFloat16, or B, H < 0.
 #pragma once
-#include "../common.h"
+#include "../common/types.h"
 
 namespace attn_kernels {
 

@@ -2,7 +2,7 @@
 // pointers 16-byte aligned, last-dim stride 1, all other strides multiples of 8 elements,
 // B*H*N >= 1, dtype in {kFloat16, kBFloat16}.
 #pragma once
-#include "../common.h"
+#include "../common/types.h"
 
 namespace attn_kernels {
 

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/convert.h"
+#include "../common/ptx.h"
 #include "sliding_window_decode.h"
 
 namespace attn_kernels {
@@ -35,78 +37,6 @@ struct SwdTile {
   static constexpr bool kStreamHint = kSteps < kMaxSteps;
 };
 
-template <typename T>
-struct Pack8;
-
-template <>
-struct Pack8<__nv_bfloat16> {
-  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[8]) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f[2 * i] = __uint_as_float(w[i] << 16);
-      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  }
-  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
-template <>
-struct Pack8<__half> {
-  static __device__ __forceinline__ void unpack(const uint4& v, float (&f)[8]) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-      f[2 * i] = t.x;
-      f[2 * i + 1] = t.y;
-    }
-  }
-  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
-    const __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
-// Loads and stores as volatile asm, so that the front end keeps them in program order instead of
-// sinking each load toward its first use (which would serialize DRAM round trips). Not ld.global.nc:
-// ptxas moves read-only loads above griddepcontrol.wait.
-template <bool kStreamHint>
-__device__ __forceinline__ uint4 ld16(const void* ptr) {
-  uint4 v;
-  if constexpr (kStreamHint) {
-    asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(ptr));
-  } else {
-    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(ptr));
-  }
-  return v;
-}
-
-__device__ __forceinline__ int ld_pos(const int32_t* ptr) {
-  int v;
-  asm volatile("ld.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr));
-  return v;
-}
-
-__device__ __forceinline__ void st16(void* ptr, const uint4& v) {
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
-               : "memory");
-}
-
-// Lets the next kernel in the stream launch (its CTAs then wait in griddepcontrol.wait until this
-// grid has completed and its writes are visible).
-__device__ __forceinline__ void launch_dependents() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
 __device__ __forceinline__ float dot8(const float (&a)[8], const float (&b)[8]) {
   float s = 0.f;
 #pragma unroll
@@ -127,7 +57,6 @@ struct ItemLoads {
 template <typename T, int kE, int kSteps>
 struct Item {
   using Tile = SwdTile<kE, kSteps>;
-  using P = Pack8<T>;
   static constexpr int kChunks = Tile::kChunks;
 
   int b, h, chunk, row, warp, lane;
@@ -158,8 +87,8 @@ struct Item {
                                             ItemLoads<kSteps>& L) const {
 #pragma unroll
     for (int i = 0; i < kSteps; ++i) {
-      L.k[i] = ld16<Tile::kStreamHint>(k_row(p, first, i));
-      L.v[i] = ld16<Tile::kStreamHint>(v_row(p, first, i));
+      L.k[i] = ld_global16<Tile::kStreamHint>(k_row(p, first, i));
+      L.v[i] = ld_global16<Tile::kStreamHint>(v_row(p, first, i));
     }
   }
 
@@ -177,8 +106,7 @@ struct Item {
 #pragma unroll
       for (int i = 0; i < kSteps; ++i)
         any |= reinterpret_cast<uint64_t>(k[i]) | reinterpret_cast<uint64_t>(v[i]);
-      asm volatile("{\n .reg .pred p;\n setp.ne.b64 p, %0, 0;\n @p griddepcontrol.wait;\n}" ::"l"(any)
-                   : "memory");
+      griddep_wait_after(any);
     }
   };
 
@@ -197,14 +125,14 @@ struct Item {
   }
 
   static __device__ __forceinline__ void load_first(const Addrs& a, ItemLoads<kSteps>& L) {
-    L.pos = ld_pos(a.pos);
-    L.q = ld16<Tile::kStreamHint>(a.q);
-    L.kn = ld16<Tile::kStreamHint>(a.kn);
-    L.vn = ld16<Tile::kStreamHint>(a.vn);
+    L.pos = ld_global_b32(a.pos);
+    L.q = ld_global16<Tile::kStreamHint>(a.q);
+    L.kn = ld_global16<Tile::kStreamHint>(a.kn);
+    L.vn = ld_global16<Tile::kStreamHint>(a.vn);
 #pragma unroll
     for (int i = 0; i < kSteps; ++i) {
-      L.k[i] = ld16<Tile::kStreamHint>(a.k[i]);
-      L.v[i] = ld16<Tile::kStreamHint>(a.v[i]);
+      L.k[i] = ld_global16<Tile::kStreamHint>(a.k[i]);
+      L.v[i] = ld_global16<Tile::kStreamHint>(a.v[i]);
     }
   }
 
@@ -225,24 +153,24 @@ struct Item {
     // slot `newest` is masked), so the append below needs no ordering against the cache reads.
     // Every score is in log2 units (scale * log2(e) folded into q).
     float qf[8], tmp[8];
-    P::unpack(L.q, qf);
+    unpack8<T>(L.q, qf);
 #pragma unroll
     for (int k = 0; k < 8; ++k) qf[k] *= (AK_MUTANT(swd_scale_ignored) ? 1.f : p.scale) * 1.4426950408889634f;
-    P::unpack(L.kn, tmp);
+    unpack8<T>(L.kn, tmp);
     float s_new = dot8(qf, tmp);
 #pragma unroll
     for (int off = 1; off < kChunks; off *= 2) s_new += __shfl_xor_sync(0xffffffffu, s_new, off);
 
     if (ok && threadIdx.x < kChunks) {
-      st16(static_cast<T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + newest * p.kc_sw + chunk * 8, L.kn);
-      st16(static_cast<T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + newest * p.vc_sw + chunk * 8, L.vn);
+      st_global16(static_cast<T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + newest * p.kc_sw + chunk * 8, L.kn);
+      st_global16(static_cast<T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + newest * p.vc_sw + chunk * 8, L.vn);
     }
 
     // Online softmax per warp. Every warp starts from the new token's score as its running max
     // (a finite value, so no -inf arithmetic); the new token's weight 1 and value are counted once,
     // by the lanes of warp 0's first row.
     float m = s_new, l = 0.f, acc[8];
-    P::unpack(L.vn, acc);
+    unpack8<T>(L.vn, acc);
     if (threadIdx.x < kChunks) {
       l = 1.f;
     } else {
@@ -257,7 +185,7 @@ struct Item {
 #pragma unroll
       for (int i = 0; i < kSteps; ++i) {
         const int slot = first + i * Tile::kRows + row;
-        P::unpack(L.k[i], tmp);
+        unpack8<T>(L.k[i], tmp);
         s[i] = dot8(qf, tmp);
 #pragma unroll
         for (int off = 1; off < kChunks; off *= 2) s[i] += __shfl_xor_sync(0xffffffffu, s[i], off);
@@ -278,7 +206,7 @@ struct Item {
         if (valid[i]) {
           const float w = exp2f(s[i] - m);
           l += w;
-          P::unpack(L.v[i], tmp);
+          unpack8<T>(L.v[i], tmp);
 #pragma unroll
           for (int k = 0; k < 8; ++k) acc[k] = fmaf(w, tmp[k], acc[k]);
         }
@@ -330,11 +258,11 @@ struct Item {
     }
     const float inv = ok ? 1.f / l_all : __int_as_float(0x7fffffff);  // NaN * anything = NaN
     uint4 out;
-    out.x = P::pack2(o[0] * inv, o[1] * inv);
-    out.y = P::pack2(o[2] * inv, o[3] * inv);
-    out.z = P::pack2(o[4] * inv, o[5] * inv);
-    out.w = P::pack2(o[6] * inv, o[7] * inv);
-    st16(static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + chunk * 8, out);
+    out.x = pack2<T>(o[0] * inv, o[1] * inv);
+    out.y = pack2<T>(o[2] * inv, o[3] * inv);
+    out.z = pack2<T>(o[4] * inv, o[5] * inv);
+    out.w = pack2<T>(o[6] * inv, o[7] * inv);
+    st_global16(static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + chunk * 8, out);
   }
 };
 
@@ -353,7 +281,7 @@ __global__ void __launch_bounds__(SwdTile<kE, kSteps>::kThreads, SwdTile<kE, kSt
   // A memory-ordering point that ptxas does not sink loads below: every load above is in flight
   // before the first instruction that waits on one (SASS).
   __syncwarp();
-  launch_dependents();
+  griddep_launch_dependents();
   it.finish(p, L, sm_acc, sm_ml);
 }
 
@@ -400,8 +328,8 @@ cudaError_t launch_dtype(const SlidingWindowDecodeParams& p, cudaStream_t stream
 }  // namespace
 
 cudaError_t sliding_window_decode_launch(const SlidingWindowDecodeParams& p, cudaStream_t stream) {
-  if ((p.e != 64 && p.e != 128) || p.window < 1 || p.window > 256 || p.B < 0 || p.H < 0 ||
-      (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16))
+  if (!swd_head_size_ok(p.e) || p.window < 1 || p.window > kSwdMaxWindow || p.B < 0 || p.H < 0 ||
+      !is_io_dtype(p.dtype))
     return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
   return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, stream)

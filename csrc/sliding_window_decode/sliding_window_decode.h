@@ -1,9 +1,11 @@
 // Plain launcher for sliding_window_decode (semantics: spec.md). Caller (the binding) guarantees:
 // pointers 16-byte aligned, last-dim stride 1, other strides multiples of 8 elements,
-// e in {64, 128}, 1 <= window <= 256, positions >= 0 (checked on the host before the call when
-// they are on the host; on the device they are trusted), dtype in {kFloat16, kBFloat16}.
+// positions >= 0 (checked on the host before the call when they are on the host; on the device they
+// are trusted). The launcher refuses (cudaErrorInvalidValue, nothing launched) e outside {64, 128},
+// a window outside [1, kSwdMaxWindow = 256] (common/limits.h), a dtype other than kFloat16 /
+// kBFloat16, or B, H < 0.
 #pragma once
-#include "../common.h"
+#include "../common/types.h"
 
 namespace attn_kernels {
 
