@@ -196,11 +196,16 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
     # Slot s holds position p - ((p - s) mod window); it is valid when that position is >= 0.
     s = torch.arange(window, device=q.device)
     held = pos[:, None] - (pos[:, None] - s[None, :]) % window  # (B, window)
-    valid = held >= 0
-    scores = scale * (k_cache.to(q.dtype) @ q[..., :, None]).squeeze(-1)  # (B, H, window)
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    valid = (held >= 0)[:, None, :, None]  # (B, 1, window, 1)
+    # A slot not yet written (p < window - 1) holds whatever the caller allocated (torch.empty: NaN, inf, old
+    # data). Nothing may depend on it: its key AND its value are replaced before use, since a zero weight
+    # times a NaN or inf value is NaN (masking the score alone is not enough).
+    k_read = torch.where(valid, k_cache.to(q.dtype), 0)
+    v_read = torch.where(valid, v_cache.to(q.dtype), 0)
+    scores = scale * (k_read @ q[..., :, None]).squeeze(-1)  # (B, H, window)
+    scores = scores.masked_fill(~valid[..., 0], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    o = (p[..., None, :] @ v_cache.to(q.dtype)).squeeze(-2)
+    o = (p[..., None, :] @ v_read).squeeze(-2)
     return o, k_cache, v_cache
 
 
