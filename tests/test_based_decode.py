@@ -5,10 +5,18 @@ import torch
 
 import attn_kernels as ak
 from attn_kernels import reference as ref
-from harness import (DTYPE_IDS, assert_close_rule, max_err, nbytes, poison_allocator, prior_state, randn,
+from harness import (DTYPE_IDS, StateModel, assert_close_rule, assert_state_close, decode_state_advance,
+                     decode_state_model, lowp_prefill, max_err, nbytes, poison_allocator, prior_state, randn,
                      requires_cuda)
 
 BH = [(1, 1), (2, 8), (40, 25), (128, 128)]  # B*H = 1, 16, 1000, 16384
+
+
+def lowp_step(q, k, v, state, **kw):
+    """The comparator of a decode step: the kernel's arithmetic for either state dtype — float32 math on the
+    state as given (a bf16 state is read exactly), the output rounded once to the input dtype."""
+    o, new_state = ref.based_decode_step(q.float(), k.float(), v.float(), tuple(t.float() for t in state), **kw)
+    return o.to(q.dtype), new_state
 
 
 def run_and_check(B, H, dtype, state_dtype, normalize, transposed, device):
@@ -20,14 +28,12 @@ def run_and_check(B, H, dtype, state_dtype, normalize, transposed, device):
         poison_allocator(nbytes(B, H, 64, dtype=dtype))
     o = ak.based_decode(q, k, v, (S, z), normalize=normalize)
     kw = dict(normalize=normalize)
-    o64, (S64, z64) = ref.based_decode_step(q.double(), k.double(), v.double(), (S_in.double(), z_in.double()), **kw)
-    # The same step in PyTorch at the kernel's precision: float32 math on a float32 state, all-bf16 otherwise.
-    lp = torch.float32 if state_dtype == torch.float32 else dtype
-    o_lp, (S_lp, z_lp) = ref.based_decode_step(q.to(lp), k.to(lp), v.to(lp), (S_in.to(lp), z_in.to(lp)), **kw)
+    o64, _ = ref.based_decode_step(q.double(), k.double(), v.double(), (S_in.double(), z_in.double()), **kw)
+    o_lp, _ = lowp_step(q, k, v, (S_in, z_in), **kw)
     assert o.dtype == dtype and S.dtype == state_dtype
-    assert_close_rule("o", o, o64, o_lp.to(dtype))
-    assert_close_rule("S", S, S64, S_lp.to(state_dtype))
-    assert_close_rule("z", z, z64, z_lp.to(state_dtype))
+    assert_close_rule("o", o, o64, o_lp)
+    # The updated state: float32-level (float32 state) or one bf16 rounding (bf16 state) from the exact update.
+    assert_state_close(S, z, decode_state_model((S_in, z_in), k, v, state_dtype=state_dtype))
 
 
 @requires_cuda
@@ -78,34 +84,55 @@ def test_ten_thousand_steps_drift(state_dtype, record_property):
 
 
 @requires_cuda
-def test_cuda_graph_capture_updates_state_every_replay():
-    B, H = 4, 16
-    q, k = (torch.randn(B, H, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(B, H, 64, device="cuda", dtype=torch.bfloat16)
-    S, z = ak.empty_state(B, H, device="cuda")
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
+def test_cuda_graph_capture_updates_state_every_replay(state_dtype):
+    """Served as a captured graph: new inputs are copied into the captured buffers before each replay; after
+    every replay o, S and z are checked against a float64 recurrence (o by the rule, the state within the
+    step bounds accumulated over the replays)."""
+    B, H, dtype = 4, 16, torch.bfloat16
+    q, k = (torch.randn(B, H, 16, device="cuda", dtype=dtype) for _ in range(2))
+    v = torch.randn(B, H, 64, device="cuda", dtype=dtype)
+    S, z = ak.empty_state(B, H, dtype=state_dtype, device="cuda")
     ak.based_decode(q, k, v, (S, z))  # warm-up outside the capture
-    S.zero_()
-    z.zero_()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ak.based_decode(q, k, v, (S, z))
+        o = ak.based_decode(q, k, v, (S, z))
     S.zero_()
     z.zero_()
-    for _ in range(3):
+    zeros = ref.zero_state(B, H, dtype=torch.float64, device="cuda")
+    model = StateModel(*zeros, *(torch.zeros_like(t) for t in zeros))
+    for replay in range(4):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda"))
+        S_in, z_in = S.clone(), z.clone()
         graph.replay()
-    torch.cuda.synchronize()
-    phi = ref.feature_map_compact(k.double(), 0.25)
-    torch.testing.assert_close(z.double(), 3 * phi, rtol=1e-5, atol=1e-5)
+        torch.cuda.synchronize()
+        o64, _ = ref.based_decode_step(q.double(), k.double(), v.double(), (model.S, model.z))
+        o_lp, _ = lowp_step(q, k, v, (S_in, z_in))
+        assert_close_rule(f"o after replay {replay}", o, o64, o_lp)
+        model = decode_state_advance(model, k, v, state_dtype=state_dtype)
+        assert_state_close(S, z, model)
 
 
 @requires_cuda
 def test_accepts_prefill_state_unchanged():
-    q, k = (torch.randn(2, 4, 100, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
-    _, state = ak.based_prefill(q, k, v, return_state=True)
-    assert state[0].is_contiguous() and state[0].dtype == torch.float32
-    ak.based_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], state)
+    """The state based_prefill returns goes to based_decode as is (contiguous float32, updated in place), and
+    the step continues the sequence: its output is the longer prefill's at that position (the rule), its
+    state the prefill's plus the new token (the decode step's bound)."""
+    B, H, N = 2, 4, 100
+    q, k = (torch.randn(B, H, N + 1, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, N + 1, 64, device="cuda", dtype=torch.bfloat16)
+    _, state = ak.based_prefill(q[:, :, :N], k[:, :, :N], v[:, :, :N], return_state=True)
+    S, z = state
+    assert S.is_contiguous() and z.is_contiguous() and S.dtype == z.dtype == torch.float32
+    S_before, z_before = S.clone(), z.clone()
+    o = ak.based_decode(q[:, :, N], k[:, :, N], v[:, :, N], state)
+    assert state[0] is S and state[1] is z and not torch.equal(S, S_before) and not torch.equal(z, z_before)
+    assert_state_close(S, z, decode_state_model((S_before, z_before), k[:, :, N], v[:, :, N]))
+    o64, _ = ref.based_chunked(q.double(), k.double(), v.double())
+    o_lp, _ = lowp_prefill(q, k, v)
+    assert_close_rule("decode after prefill", o, o64[:, :, N], o_lp[:, :, N])
 
 
 def test_empty_state():
