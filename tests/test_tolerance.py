@@ -285,3 +285,20 @@ def test_bound_is_float32_level():
     s = state_check("S", c.S, st.S, st.bound_S)
     assert s.ratio < 0.01, s.describe()
     assert U32 < 1e-7
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.1, 1.0])
+def test_kernel_features_are_the_exact_features_in_float32(scale):
+    """kernel_features (the float32 values the kernel rounds) are within 4 float32 roundings of the exact
+    features; the state model relies on it for z and on fl_in of them for S."""
+    x = torch.randn(3, 50, 16).to(torch.bfloat16)
+    exact = ref.feature_map_compact(x.double(), float(torch.tensor(scale, dtype=F32)))
+    got = kernel_features(x, scale).double()
+    assert ((got - exact).abs() <= 4 * U32 * exact.abs()).all()
+
+
+def test_moment_conversions_round_trip():
+    """z -> (cnt, ks, G) -> z, as the kernel converts at a segment start: within the 8u of K_ZCONV."""
+    z = prior_state(2, 3, "cpu")[1]
+    back = z_from_moments(*moments_from_z(z, 0.1), 0.1)
+    assert ((back.double() - z.double()).abs() <= 8 * U32 * z.double().abs()).all()
