@@ -61,6 +61,18 @@ def test_scale_and_eps(scale):
 
 
 @requires_cuda
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+def test_bfloat16_initial_state(normalize):
+    """initial_state may be bfloat16 (half the bytes): its values, widened to float32, are the ones used."""
+    B, H, N = 2, 3, 200
+    q, k = (randn(B, H, N, 16, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    v = randn(B, H, N, 64, dtype=torch.bfloat16, device="cuda")
+    init = tuple(t.to(torch.bfloat16) for t in prior_state(B, H, "cuda"))
+    o, (S, z) = ak.based_prefill(q, k, v, normalize=normalize, initial_state=init, return_state=True)
+    check_prefill(o, S, z, q, k, v, normalize=normalize, initial_state=tuple(t.float() for t in init))
+
+
+@requires_cuda
 def test_without_return_state_gives_same_output():
     q, k = (torch.randn(2, 4, 300, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
