@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 LIB = torch.library.Library("attn_kernels", "DEF")
-OPS = ("based_prefill", "based_decode", "sliding_window_decode")
+OPS: list[str] = []  # the ops declared with define_op, in import order
 
 _C_ERROR: str | None = None
 
@@ -16,6 +16,17 @@ _C_ERROR: str | None = None
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """CPU reference precision: float64 stays float64, everything else runs in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def define_op(name: str, schema: str, *, cpu, fake) -> None:
+    """Declare the op attn_kernels::<name> in one place: its schema (the arguments after the name), its CPU
+    implementation (the PyTorch reference) and its fake implementation (shapes only, for torch.compile). Its
+    CUDA implementation is the kernel that csrc/binding.cpp registers under the same name; load_kernels()
+    makes a CUDA call raise where there is none."""
+    LIB.define(f"{name}{schema}")
+    LIB.impl(name, cpu, "CPU")
+    torch.library.register_fake(f"attn_kernels::{name}", fake, lib=LIB)
+    OPS.append(name)
 
 
 def kernels_available() -> bool:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .limits import COMPACT_FEATURES, FEAT_DIM, VALUE_DIM
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -31,11 +33,11 @@ def tensor(op: str, name: str, t, ndim: int, last: Sequence[int] | None = None) 
 
 def based_qkv(op: str, q, k, v, ndim: int) -> None:
     """Based inputs: q, k (..., 16) of one shape, v (..., 64) with q's leading dims; one device and dtype."""
-    tensor(op, "q", q, ndim, last=(16,))
-    tensor(op, "k", k, ndim, last=(16,))
-    tensor(op, "v", v, ndim, last=(64,))
+    tensor(op, "q", q, ndim, last=(FEAT_DIM,))
+    tensor(op, "k", k, ndim, last=(FEAT_DIM,))
+    tensor(op, "v", v, ndim, last=(VALUE_DIM,))
     shape(op, "k", k, q.shape)
-    shape(op, "v", v, (*q.shape[:-1], 64))
+    shape(op, "v", v, (*q.shape[:-1], VALUE_DIM))
     same_device(op, "q", q, k=k, v=v)
     input_dtype(op, "q", q, k=k, v=v)
 
@@ -87,8 +89,8 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
                         + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
     S = tensor(op, f"{name}[0] (S)", state[0], 4)
     z = tensor(op, f"{name}[1] (z)", state[1], 3)
-    shape(op, f"{name}[0] (S)", S, (B, H, 153, e))
-    shape(op, f"{name}[1] (z)", z, (B, H, 153))
+    shape(op, f"{name}[0] (S)", S, (B, H, COMPACT_FEATURES, e))
+    shape(op, f"{name}[1] (z)", z, (B, H, COMPACT_FEATURES))
     if z.dtype != S.dtype:
         raise TypeError(f"{op}: {name}[1] (z).dtype must match {name}[0] (S).dtype {S.dtype}, got {z.dtype}")
     if S.device != device or z.device != device:

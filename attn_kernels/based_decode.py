@@ -5,14 +5,10 @@ import torch
 
 from . import _validate as check
 from . import reference
-from ._library import LIB, compute_dtype
+from ._library import compute_dtype, define_op
+from .limits import FEAT_DIM, VALUE_DIM
 
 OP = "based_decode"
-
-LIB.define(
-    "based_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) S, Tensor(b!) z, float scale, bool normalize, "
-    "float eps) -> Tensor"
-)
 
 
 def _reference_impl(q, k, v, S, z, scale, normalize, eps):
@@ -25,12 +21,12 @@ def _reference_impl(q, k, v, S, z, scale, normalize, eps):
     return torch.empty_like(v).copy_(o_ref)
 
 
-LIB.impl(OP, _reference_impl, "CPU")
-
-
-@torch.library.register_fake("attn_kernels::based_decode")
 def _fake(q, k, v, S, z, scale, normalize, eps):
     return torch.empty_like(v)
+
+
+define_op(OP, "(Tensor q, Tensor k, Tensor v, Tensor(a!) S, Tensor(b!) z, float scale, bool normalize, "
+              "float eps) -> Tensor", cpu=_reference_impl, fake=_fake)
 
 
 def empty_state(B: int, H: int, *, dtype=torch.float32, device=None):
@@ -61,11 +57,11 @@ def based_decode(q, k, v, state, *, scale=None, normalize=True, eps=1e-6):
     """
     check.based_qkv(OP, q, k, v, ndim=3)
     B, H = q.shape[:2]
-    S, z = check.state_pair(OP, "state", state, B, H, 64, q.device, (torch.float32, torch.bfloat16))
+    S, z = check.state_pair(OP, "state", state, B, H, VALUE_DIM, q.device, (torch.float32, torch.bfloat16))
     for name, t in (("state[0] (S)", S), ("state[1] (z)", z)):
         if not t.is_contiguous():
             raise ValueError(f"{OP}: {name} must be contiguous to be updated in place, got strides {t.stride()}")
-    scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(16))
+    scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(FEAT_DIM))
     check.flag(OP, "normalize", normalize)
     eps = check.positive_float(OP, "eps", eps, allow_zero=True)
     return torch.ops.attn_kernels.based_decode(q, k, v, S, z, scale, normalize, eps)

@@ -5,22 +5,18 @@ import torch
 
 from . import _validate as check
 from . import reference
-from ._library import LIB, compute_dtype
+from ._library import compute_dtype, define_op
+from .limits import COMPACT_FEATURES, FEAT_DIM, VALUE_DIM
 
 OP = "based_prefill"
-
-LIB.define(
-    "based_prefill(Tensor q, Tensor k, Tensor v, float scale, bool normalize, float eps, Tensor? S0, "
-    "Tensor? z0, bool return_state) -> (Tensor, Tensor, Tensor)"
-)
 
 
 def _empty_outputs(q, v, return_state):
     B, H = q.shape[:2]
     sd = compute_dtype(q.dtype)  # the state keeps the reference's precision: float32, float64 stays
     if return_state:
-        return (torch.empty_like(v), q.new_empty(B, H, reference.COMPACT_FEATURES, v.shape[-1], dtype=sd),
-                q.new_empty(B, H, reference.COMPACT_FEATURES, dtype=sd))
+        return (torch.empty_like(v), q.new_empty(B, H, COMPACT_FEATURES, v.shape[-1], dtype=sd),
+                q.new_empty(B, H, COMPACT_FEATURES, dtype=sd))
     return torch.empty_like(v), q.new_empty(0, dtype=sd), q.new_empty(0, dtype=sd)
 
 
@@ -38,12 +34,12 @@ def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state):
     return o, S, z
 
 
-LIB.impl(OP, _reference_impl, "CPU")
-
-
-@torch.library.register_fake("attn_kernels::based_prefill")
 def _fake(q, k, v, scale, normalize, eps, S0, z0, return_state):
     return _empty_outputs(q, v, return_state)
+
+
+define_op(OP, "(Tensor q, Tensor k, Tensor v, float scale, bool normalize, float eps, Tensor? S0, Tensor? z0, "
+              "bool return_state) -> (Tensor, Tensor, Tensor)", cpu=_reference_impl, fake=_fake)
 
 
 def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_state=None, return_state=False):
@@ -66,7 +62,7 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
         state that ``based_decode`` takes.
     """
     check.based_qkv(OP, q, k, v, ndim=4)
-    scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(16))
+    scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(FEAT_DIM))
     check.flag(OP, "normalize", normalize)
     eps = check.positive_float(OP, "eps", eps, allow_zero=True)
     check.flag(OP, "return_state", return_state)
@@ -74,6 +70,6 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
     if initial_state is not None:
         B, H = q.shape[:2]
         cuda_dtypes = (torch.float32, torch.bfloat16)
-        S0, z0 = check.state_pair(OP, "initial_state", initial_state, B, H, 64, q.device, cuda_dtypes)
+        S0, z0 = check.state_pair(OP, "initial_state", initial_state, B, H, VALUE_DIM, q.device, cuda_dtypes)
     o, S, z = torch.ops.attn_kernels.based_prefill(q, k, v, scale, normalize, eps, S0, z0, return_state)
     return (o, (S, z)) if return_state else o

@@ -4,7 +4,7 @@ Every function computes in the dtype of its inputs, so the same code gives the f
 (upcast the inputs) and the "PyTorch in the same low precision" error that the tests' tolerance rule
 compares kernels against. None of them mutate their arguments.
 
-The compact feature map's layout (F = 153, shared with the CUDA kernels, csrc/common.h):
+The compact feature map's layout (F = 153, shared with the CUDA kernels, csrc/common/feature_order.h):
     [1, sqrt(c) x_i (16), c x_i^2 / sqrt(2) (16), c x_i x_j for i < j (120, row-major)]
 """
 from __future__ import annotations
@@ -13,10 +13,7 @@ import math
 
 import torch
 
-FEAT_DIM = 16  # d: query/key dimension
-VALUE_DIM = 64  # e: value dimension of the Based ops
-COMPACT_FEATURES = 1 + FEAT_DIM + FEAT_DIM * (FEAT_DIM + 1) // 2  # 153
-EXPANDED_FEATURES = 1 + FEAT_DIM + FEAT_DIM * FEAT_DIM  # 273
+from .limits import COMPACT_FEATURES, EXPANDED_FEATURES, FEAT_DIM, VALUE_DIM  # noqa: F401  (re-exported)
 
 _PAIR_I, _PAIR_J = torch.triu_indices(FEAT_DIM, FEAT_DIM, offset=1)  # row-major i < j
 

@@ -6,16 +6,10 @@ import torch
 
 from . import _validate as check
 from . import reference
-from ._library import LIB, compute_dtype
+from ._library import compute_dtype, define_op
+from .limits import SWD_HEAD_DIMS, SWD_MAX_WINDOW
 
 OP = "sliding_window_decode"
-MAX_WINDOW = 256
-HEAD_DIMS = (64, 128)
-
-LIB.define(
-    "sliding_window_decode(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-    "Tensor positions, float scale) -> Tensor"
-)
 
 
 def _reference_impl(q, k_new, v_new, k_cache, v_cache, positions, scale):
@@ -28,12 +22,12 @@ def _reference_impl(q, k_new, v_new, k_cache, v_cache, positions, scale):
     return torch.empty_like(q).copy_(o_ref)
 
 
-LIB.impl(OP, _reference_impl, "CPU")
-
-
-@torch.library.register_fake("attn_kernels::sliding_window_decode")
 def _fake(q, k_new, v_new, k_cache, v_cache, positions, scale):
     return torch.empty_like(q)
+
+
+define_op(OP, "(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+              "float scale) -> Tensor", cpu=_reference_impl, fake=_fake)
 
 
 def _can_read_values(t: torch.Tensor) -> bool:
@@ -59,7 +53,7 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
     Returns:
         o (B, H, e) in the input dtype: softmax(scale q.K^T) V over positions [max(0, p - window + 1), p].
     """
-    check.tensor(OP, "q", q, 3, last=HEAD_DIMS)
+    check.tensor(OP, "q", q, 3, last=SWD_HEAD_DIMS)
     B, H, e = q.shape
     check.tensor(OP, "k_new", k_new, 3)
     check.tensor(OP, "v_new", v_new, 3)
@@ -67,8 +61,8 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
     check.shape(OP, "v_new", v_new, q.shape)
     if isinstance(window, bool) or not isinstance(window, int):
         raise TypeError(f"{OP}: window must be an int, got {type(window).__name__}")
-    if not 1 <= window <= MAX_WINDOW:
-        raise ValueError(f"{OP}: window must be in [1, {MAX_WINDOW}], got {window}")
+    if not 1 <= window <= SWD_MAX_WINDOW:
+        raise ValueError(f"{OP}: window must be in [1, {SWD_MAX_WINDOW}], got {window}")
     check.tensor(OP, "k_cache", k_cache, 4)
     check.tensor(OP, "v_cache", v_cache, 4)
     check.shape(OP, "k_cache", k_cache, (B, H, window, e))

@@ -1,6 +1,7 @@
 """The three ops are proper torch.library custom ops: schemas with declared mutation, fake (meta)
 implementations that torch.compile traces, and opcheck's consistency tests. On the CPU here; the same
 checks run on the GPU against the kernels."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,27 @@ def test_each_op_runs_its_kernel(op, make):
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ours = [n for n in names if KERNEL_NAMES[op] in n]
     assert ours, f"{op}: kernel {KERNEL_NAMES[op]} not among the CUDA kernels that ran: {sorted(set(names))}"
+
+
+def test_python_limits_equal_the_kernels_limits():
+    """attn_kernels/limits.py and csrc/common/limits.h state the same sizes (each language has one copy)."""
+    from attn_kernels import limits
+
+    header = (ROOT / "csrc" / "common" / "limits.h").read_text()
+
+    def const(name):  # the header's constant expression, evaluated with the names it uses
+        expr = re.search(rf"constexpr int {name} = ([^;]+);", header).group(1)
+        return eval(expr, {"__builtins__": {}}, {"kFeatDim": limits.FEAT_DIM})  # noqa: S307
+
+    assert const("kFeatDim") == limits.FEAT_DIM and const("kValueDim") == limits.VALUE_DIM
+    assert const("kCompactFeatures") == limits.COMPACT_FEATURES == 153
+    assert const("kSwdMaxWindow") == limits.SWD_MAX_WINDOW
+    heads = re.search(r"swd_head_size_ok\(int e\) \{ return ([^;]+); \}", header).group(1)
+    assert tuple(int(x) for x in re.findall(r"e == (\d+)", heads)) == limits.SWD_HEAD_DIMS
+
+
+def test_every_op_is_declared_once_with_schema_cpu_and_fake():
+    assert sorted(_library.OPS) == ["based_decode", "based_prefill", "sliding_window_decode"]
+    for name in _library.OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "Meta"), name
