@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 4), help="builds at a time")
     ap.add_argument("--parallel-tests", type=int, default=4, help="mutants tested at a time on the GPU")
     ap.add_argument("--report", default=str(ROOT / "tests" / "mutants" / "REPORT.md"))
-    ap.add_argument("--skip-clean", action="store_true", help="do not run the suite on the unmutated build")
+    ap.add_argument("--skip-clean", metavar="SUMMARY", nargs="?", const="not run", default=None,
+                    help="do not run the suite on the unmutated build (it ran just before: give pytest's summary line)")
     ap.add_argument("--build-only", action="store_true", help="build the mutants, test none")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse a mutant already built in build/mutants/<name>/ (same sources) instead of rebuilding")
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"not in {CATALOG}: {', '.join(sorted(unknown))}")
         mutants = [m for m in mutants if m.name in args.names]
     t0 = time.time()
-    clean = "not run (--skip-clean)"
-    if not args.skip_clean:  # the repository's own in-place build, which `nox -s mutants` made first
+    clean = f"{args.skip_clean} (run before this script, --skip-clean)"
+    if args.skip_clean is None:  # the repository's own in-place build, which `nox -s mutants` made first
         rc, out = run_tests(None, ROOT)
         tail = out.strip().splitlines()[-1] if out.strip() else ""
         clean = f"all tests pass ({tail})" if rc == 0 else f"FAILS ({tail})"
