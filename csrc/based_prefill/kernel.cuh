@@ -1,0 +1,470 @@
+// based_prefill, part of based_prefill.cu (included there only): the kernels. based_prefill_kernel walks
+// one (b, h, segment) chunk by chunk (the phases are the overview's of based_prefill.cu);
+// based_prefill_scan_kernel turns the segments' partial states into prefix sums (split sequences only).
+//
+// The phases stay inline in one body on purpose: moved into __forceinline__ functions (tried: one
+// function per phase, and the epilogue alone) the kernel compiles differently (other address arithmetic
+// and schedule, one register more at 254-255 of 255), because the callee's parameters enter the kernel
+// as early stack slots that reorder its values. Keep the body as it is unless the SASS stays the same.
+#pragma once
+#include <cstddef>
+
+#include <cute/tensor.hpp>
+
+#include "../common/convert.h"
+#include "../common/feature_order.h"
+#include "../common/ptx.h"
+#include "based_prefill.h"
+#include "config.cuh"
+#include "feature_map.cuh"
+#include "fragments.cuh"
+
+namespace attn_kernels {
+namespace {
+
+template <typename T, bool kStateOnly>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
+    based_prefill_kernel(const BasedPrefillParams p, const int nseg, const int seg_chunks) {
+  using namespace cute;
+  using A = Atoms<T>;
+  constexpr bool kSplit = Smem<T>::kSplit;
+  static_assert(offsetof(Smem<T>, q) % 1024 == 0, "every wgmma tile starts 1 KB-aligned");
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_s = saddr(smem_raw);
+  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw + ((1024u - (raw_s & 1023u)) & 1023u));
+  const uint32_t s_phiq = saddr(sm.phiq), s_phik = saddr(sm.phik), s_w = saddr(sm.w);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;    // mma fragment coordinates
+  const int lj = lane >> 3, lr = lane & 7;  // ldmatrix / stmatrix: which 8x8 matrix, which row of it
+  const int bh = blockIdx.x, seg = blockIdx.y;
+  const int b = bh / p.H, h = bh % p.H;
+
+  const int64_t t_begin = int64_t(seg) * seg_chunks * Cfg::kChunk;
+  const int64_t t_end = min(int64_t(p.N), t_begin + int64_t(seg_chunks) * Cfg::kChunk);
+  const int nchunks = AK_MUTANT(prefill_tail_dropped) ? int((t_end - t_begin) / Cfg::kChunk)
+                                                     : int((t_end - t_begin + Cfg::kChunk - 1) / Cfg::kChunk);
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  T* og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+  float* ws = static_cast<float*>(p.workspace);
+  const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
+  const float c2 = (AK_MUTANT(prefill_quad_scale) ? 1.f : 0.5f) * p.scale * p.scale;
+  const float c1k = AK_MUTANT(prefill_den_inter_ks) ? 0.f : c1;  // c of den_inter's c q.ks term
+  const bool den_on = !kStateOnly && p.normalize;
+  const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // sqrt(c) = 2^k
+
+  // Running state, laid out as for_each_s / for_each_g say (gm, ksa: warp kZWarp only).
+  float s[4 * Cfg::kNT];
+  float gm[2][4], ksa[4], cnt;
+  {
+    const float* S0 = (!kStateOnly && p.S0 && !(AK_MUTANT(prefill_init_ignored_num) && !p.normalize)) ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim
+                                             : nullptr;
+    const float* z0 = (!kStateOnly && p.z0) ? p.z0 + int64_t(bh) * kCompactFeatures : nullptr;
+    const float* prev = (!kStateOnly && seg > 0 && !AK_MUTANT(prefill_split_carry))  // earlier segments' prefix
+                            ? ws + (int64_t(bh) * (nseg - 1) + seg - 1) * Cfg::kWsFloats
+                            : nullptr;
+    // The workspace holds S^T in fragment order: float4 (warp * kNT + n) * 32 + lane is s[4n..4n+3],
+    // loaded whole (for_each_s's per-element form would load it as four scalars).
+#pragma unroll
+    for (int n = 0; n < Cfg::kNT; ++n) {
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (prev) x = reinterpret_cast<const float4*>(prev)[(warp * Cfg::kNT + n) * 32 + lane];
+      const float carried[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int f = 8 * n + 2 * t + (e & 1), v = 16 * warp + g + 8 * (e >> 1);
+        s[4 * n + e] = ((S0 && f < kCompactFeatures) ? S0[f * kValueDim + v] : 0.f) + carried[e];
+      }
+    }
+    auto z_in = [&](int f) {
+      return (z0 ? z0[f] : 0.f) + (prev ? prev[Cfg::kStateFloats + f] : 0.f);
+    };
+    cnt = z_in(0);
+    if (warp == kZWarp) {  // divided, not multiplied by 1/c: 1/c overflows for a subnormal scale
+      for_each_g(g, t, [&](int nt, int e, int i, int j) {
+        gm[nt][e] = (i == j ? 1.41421356237309515f * z_in(kSquareFeature0 + i)
+                            : z_in(quad_feature(min(i, j), max(i, j)))) / p.scale;
+      });
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ksa[e] = z_in(kLinearFeature0 + g + 8 * (e >> 1)) / sqrt_c;
+    }
+  }
+  // G's fragments for the den products (bf16 hi, fp16 inputs also lo) and ks, into buffer `buf`.
+  auto publish_g = [&](int buf) {
+    uint4 hi, lo;
+    if constexpr (kSplit) {
+      split_bf16x2(gm[0][0], gm[0][1], hi.x, lo.x);
+      split_bf16x2(gm[1][0], gm[1][1], hi.y, lo.y);
+      split_bf16x2(gm[0][2], gm[0][3], hi.z, lo.z);
+      split_bf16x2(gm[1][2], gm[1][3], hi.w, lo.w);
+      sm.gfrag[buf][1][lane] = lo;
+    } else {
+      hi = make_uint4(pack2<bf16>(gm[0][0], gm[0][1]), pack2<bf16>(gm[1][0], gm[1][1]),
+                      pack2<bf16>(gm[0][2], gm[0][3]), pack2<bf16>(gm[1][2], gm[1][3]));
+    }
+    sm.gfrag[buf][0][lane] = hi;
+    if (t == 0) {
+      sm.ks[buf][g] = ksa[0];
+      sm.ks[buf][g + 8] = ksa[2];
+    }
+  };
+  if (!kStateOnly && warp == kZWarp) publish_g(0);  // chunk 0's barrier publishes it
+
+  // Chunk loads into stage c & 1, zero-filled past t_end. Each thread copies the same rows of
+  // every chunk: 16 bytes of q and k (row tid/2) and of v (rows tid/8 + 16i, into V's swizzled
+  // tile: + 2 KB per 16 rows); its source pointers advance by one chunk per call, so calls must come
+  // in chunk order.
+  const int qk_row = tid >> 1, qk_col = 8 * (tid & 1), v_row = tid >> 3, v_col = 8 * (tid & 7);
+  const T* qsrc = qg + (t_begin + qk_row) * p.q_sn + qk_col;
+  const T* ksrc = kg + (t_begin + qk_row) * p.k_sn + qk_col;
+  const T* vsrc = vg + (t_begin + v_row) * p.v_sn + v_col;
+  const uint32_t v_dst = saddr(sm.v[0]) + 2 * row128_off(v_row, v_col);
+  auto issue_loads = [&](int c) {
+    const int st = c & 1;
+    const int64_t left = t_end - (t_begin + int64_t(c) * Cfg::kChunk);  // valid rows
+    const bool ok = qk_row < left;
+    if (!kStateOnly) cp_async16(saddr(&sm.q[st][qk_row][qk_col]), ok ? qsrc : qg, ok);
+    cp_async16(saddr(&sm.k[st][qk_row][qk_col]), ok ? ksrc : kg, ok);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool okv = v_row + 16 * i < left;
+      cp_async16(v_dst + st * int(sizeof(sm.v[0])) + i * 2048, okv ? vsrc + 16 * i * p.v_sn : vg, okv);
+    }
+    cp_async_commit();
+    qsrc += Cfg::kChunk * p.q_sn;
+    ksrc += Cfg::kChunk * p.k_sn;
+    vsrc += Cfg::kChunk * p.v_sn;
+  };
+
+  // wgmma operands in shared memory (CuTe tensors, for the descriptors).
+  Tensor sW = Tiles::tensor<Tiles::W>(sm.w);
+  Tensor sPQ = Tiles::tensor<Tiles::PhiQ>(sm.phiq[0]);
+  Tensor sPQlo = Tiles::tensor<Tiles::PhiQ>(sm.phiq[kSplit ? 1 : 0]);  // fp16: the lo tile
+  Tensor sPK = Tiles::tensor<Tiles::PhiK>(sm.phik);
+  uint32_t xa[2 * Cfg::kNT];  // S^T as bf16 A registers: xa[4kb + j] for features 16kb..16kb+15
+  float o[32] = {};           // o^T: o[4n + e] = out[token 8n + 2t + (e & 1)][value 16w + g + 8(e >> 1)]
+
+  if (!kStateOnly && !den_on && tid < Cfg::kChunk) sm.inv[tid] = 1.f;  // numerator only: scale 1
+  // W's blocks above the diagonal (key block > query block) are never built, but o^T = V^T W^T reads
+  // all 64 x 64 of W: they must hold zeros, not whatever an earlier CTA left there (0 * NaN = NaN).
+  // Written once: nothing else writes them. The fence of chunk 0's phase 1 covers these stores.
+  if constexpr (!kStateOnly) {
+    for (int i = tid; i < Cfg::kChunk * 8; i += Cfg::kThreads) {  // 16-byte units: row r, columns c..c+7
+      const int r = i >> 3, c = 8 * (i & 7);
+      if ((c >> 4) > (r >> 4)) sts128(s_w + 2 * row128_off(r, c), make_uint4(0u, 0u, 0u, 0u));
+    }
+  }
+  issue_loads(0);
+  for (int c = 0; c < nchunks; ++c) {
+    const int st = c & 1;
+    const int64_t t0 = t_begin + int64_t(c) * Cfg::kChunk;
+    if (c + 1 < nchunks) {  // stage (c+1)&1 was last read (wgmma, waited) before the previous end barrier
+      issue_loads(c + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // Phase 1: feature maps and W of the chunk.
+    uint32_t qd[4];  // this warp's 16 query rows (den_inter)
+    if constexpr (kStateOnly) {
+      const int r = tid & 63;
+      const PhiRowDst d(s_phik, r);
+      const float one = t0 + r < t_end ? 1.f : 0.f;
+      if (tid < 64)
+        build_phi_row<T, 0, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
+      else
+        build_phi_row<T, 10, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
+    } else {
+      // phi(Q) meets the bf16 state: bf16, or bf16 hi + lo for fp16 inputs. That split build is the
+      // heavier one, so fp16 gives it to warps 2-3 (one W block fewer each below).
+      if ((warp < 2) != kSplit) {
+        const int r = kSplit ? tid - 64 : tid;
+        if constexpr (kSplit) {
+          float x[16];
+          load_scaled_row(sm.q[st][r], sqrt_c, x);
+          store_groups_split(PhiRowDst(s_phiq, r), x, std::make_integer_sequence<int, Cfg::kF / 8>{});
+        } else {
+          build_phi_row<T, 0, 20>(sm.q[st][r], PhiRowDst(s_phiq, r), sqrt_c, 1.f, packed_ok);
+        }
+      } else {
+        const int r = kSplit ? tid : tid - 64;
+        build_phi_row<T, 0, 20>(sm.k[st][r], PhiRowDst(s_phik, r), sqrt_c, t0 + r < t_end ? 1.f : 0.f,
+                                packed_ok);
+      }
+      // W block i = (m, kt), kt <= m, numbered row by row; warp w takes i = w, w+4, w+8 (< 10). The
+      // fragments of all three are loaded first: one shared-memory round trip instead of three.
+      auto block_mk = [](int i, int& m, int& kt) {
+        m = i >= 6 ? 3 : i >= 3 ? 2 : i >= 1 ? 1 : 0;
+        kt = i - m * (m + 1) / 2;
+      };
+      uint32_t qa3[3][4], kb3[3][4];  // kb: keys 16kt..+7 {kb0, kb1}, keys 16kt+8..+15 {kb2, kb3}
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        int m, kt;
+        block_mk(min(warp + 4 * j, 9), m, kt);
+        ldsm4(qa3[j], saddr(&sm.q[st][16 * m + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
+        ldsm4(kb3[j], saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
+      }
+      if (den_on) ldsm4(qd, saddr(&sm.q[st][16 * warp + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        const int i = warp + 4 * j;
+        if (i >= 10) break;
+        int m, kt;
+        block_mk(i, m, kt);
+        const uint32_t(&qa)[4] = qa3[j];
+        const uint32_t(&kb)[4] = kb3[j];
+        float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
+        mma<T>(ca, qa, kb[0], kb[1]);
+        mma<T>(cb, qa, kb[2], kb[3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          ca[e] = fmaf(ca[e], fmaf(ca[e], c2, c1), 1.f);
+          cb[e] = fmaf(cb[e], fmaf(cb[e], c2, c1), 1.f);
+          if (m == kt) {  // diagonal block: key 2t+(e&1) (+8 for cb) vs query g + 8(e>>1)
+            const int qrow = g + 8 * (e >> 1), key = 2 * t + (e & 1);
+            if (AK_MUTANT(prefill_causal_diag) ? key >= qrow : key > qrow) ca[e] = 0.f;
+            if (key + 8 > qrow) cb[e] = 0.f;
+          }
+        }
+        const int r0 = 16 * m + g, k0 = 16 * kt + 2 * t;
+        sts32(s_w + 2 * row128_off(r0, k0), pack2<T>(ca[0], ca[1]));
+        sts32(s_w + 2 * row128_off(r0 + 8, k0), pack2<T>(ca[2], ca[3]));
+        sts32(s_w + 2 * row128_off(r0, k0 + 8), pack2<T>(cb[0], cb[1]));
+        sts32(s_w + 2 * row128_off(r0 + 8, k0 + 8), pack2<T>(cb[2], cb[3]));
+        if (den_on) {
+          float d0 = (ca[0] + ca[1]) + (cb[0] + cb[1]), d1 = (ca[2] + ca[3]) + (cb[2] + cb[3]);
+          d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+          d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+          d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+          d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+          if (t == 0) {
+            sm.den[r0][4 + kt] = d0;
+            sm.den[r0 + 8][4 + kt] = d1;
+          }
+        }
+      }
+    }
+    // den_inter of this warp's 16 queries with z before the chunk: Y = Q G (fp16: Q and G as bf16
+    // hi + lo), then cnt + sum_i q_i (c ks_i + (c^2 / 2) Y_i) over this lane's 4 columns and its quad.
+    if (den_on) {
+      const uint32_t(&qa)[4] = qd;
+      const uint4 gh = sm.gfrag[st][0][lane];
+      float y0[4] = {0.f, 0.f, 0.f, 0.f}, y1[4] = {0.f, 0.f, 0.f, 0.f};  // columns 2t, 2t + 8 (+1)
+      if constexpr (kSplit) {
+        const uint4 gl = sm.gfrag[st][1][lane];
+        uint32_t qh[4], ql[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = unpack2<T>(qa[j]);
+          split_bf16x2(f.x, f.y, qh[j], ql[j]);
+        }
+        mma<bf16>(y0, qh, gh.x, gh.y);
+        mma<bf16>(y0, qh, gl.x, gl.y);
+        mma<bf16>(y0, ql, gh.x, gh.y);
+        mma<bf16>(y1, qh, gh.z, gh.w);
+        mma<bf16>(y1, qh, gl.z, gl.w);
+        mma<bf16>(y1, ql, gh.z, gh.w);
+      } else {
+        mma<bf16>(y0, qa, gh.x, gh.y);
+        mma<bf16>(y1, qa, gh.z, gh.w);
+      }
+      const float2 ka = *reinterpret_cast<const float2*>(&sm.ks[st][2 * t]);
+      const float2 kb = *reinterpret_cast<const float2*>(&sm.ks[st][2 * t + 8]);
+      auto part = [&](uint32_t q_lo, uint32_t q_hi, float y00, float y01, float y10, float y11) {
+        const float2 a = unpack2<T>(q_lo), b = unpack2<T>(q_hi);
+        return (a.x * fmaf(c2, y00, c1k * ka.x) + a.y * fmaf(c2, y01, c1k * ka.y)) +
+               (b.x * fmaf(c2, y10, c1k * kb.x) + b.y * fmaf(c2, y11, c1k * kb.y));
+      };
+      float d0 = part(qa[0], qa[2], y0[0], y0[1], y1[0], y1[1]);  // query 16w + g
+      float d1 = part(qa[1], qa[3], y0[2], y0[3], y1[2], y1[3]);  // query 16w + g + 8
+      d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+      d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+      d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+      d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+      if (t == 0) {
+        const float cnt_c = cnt + float(t0 - t_begin);
+        sm.den[16 * warp + g][0] = cnt_c + d0;
+        sm.den[16 * warp + g + 8][0] = cnt_c + d1;
+      }
+    }
+    if (warp == kZWarp && !(AK_MUTANT(prefill_z_last_chunk) && c + 1 == nchunks)) {  // G += K^T K, ks += K^T 1
+      // over the chunk (padding rows are zero)
+      const uint32_t one2 = pack2<T>(1.f, 1.f);
+#pragma unroll
+      for (int kt = 0; kt < 4; ++kt) {
+        uint32_t a[4];  // K^T (rows i, tokens 16kt..): G is symmetric, so also K's B fragments
+        ldsm4_t(a, saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
+        mma<T>(gm[0], a, a[0], a[2]);
+        mma<T>(gm[1], a, a[1], a[3]);
+        mma<T>(ksa, a, one2, one2);
+      }
+      if (!kStateOnly) publish_g(st ^ 1);
+    }
+    fence_proxy_async_smem();  // this thread's phi / W stores and V copies, for wgmma
+    if constexpr (!AK_MUTANT(prefill_missing_barrier)) __syncthreads();
+
+    // Phase 2: wgmma products, issued asynchronously; 1/den meanwhile.
+    Tensor sV = Tiles::tensor<Tiles::V>(sm.v[st]);
+
+    // 1 / (den + eps) of each query, while the wgmma products run.
+    auto den_to_inv = [&]() {
+      if (den_on && tid < Cfg::kChunk) {  // slots 4 + kt exist for kt <= m only
+        const float4 dw = *reinterpret_cast<const float4*>(&sm.den[tid][4]);
+        const int m = tid >> 4;
+        float den = sm.den[tid][0] + dw.x;
+        if (m >= 1) den += dw.y;
+        if (m >= 2) den += dw.z;
+        if (m >= 3) den += dw.w;
+        sm.inv[tid] = rcp_approx(den + (AK_MUTANT(prefill_eps_dropped) ? 0.f : p.eps));  // den >= 1/2
+      }
+    };
+    auto inter = [&](const auto& sB) {  // o^T += S^T(xa) phi(Q)^T (sB: a phi(Q) tile), 10 k-blocks
+#pragma unroll
+      for (int kb = 0; kb < Cfg::kF / 16; ++kb)
+        wgmma_rs<AtomInter>(&xa[4 * kb], kblock_desc<GM::Major::K, 64>(sB, 0, kb), o,
+                            std::make_index_sequence<32>{});
+    };
+
+    if constexpr (!kStateOnly) {
+      // S^T as the bf16 A operand (the old state: the update below is issued after); fp16: its hi part.
+#pragma unroll
+      for (int i = 0; i < 2 * Cfg::kNT; ++i) xa[i] = pack2<bf16>(s[2 * i], s[2 * i + 1]);
+      fence_regs(xa);
+      fence_regs(o);
+      fence_regs(s);
+      warpgroup_arrive();
+#pragma unroll
+      for (int kb = 0; kb < Cfg::kChunk / 16; ++kb)  // o^T = V^T W^T (from 0 each chunk)
+        wgmma_ss<typename A::Intra>(kblock_desc<GM::Major::MN, 64>(sV, 0, kb),
+                                    kblock_desc<GM::Major::K, 64>(sW, 0, kb), o,
+                                    kb == 0 ? GM::ScaleOut::Zero : GM::ScaleOut::One,
+                                    std::make_index_sequence<32>{});
+      inter(sPQ);
+      if constexpr (kSplit) inter(sPQlo);  // S_hi phi(Q)_lo
+      warpgroup_commit_batch();
+      if constexpr (kSplit) {  // S_lo phi(Q)_hi: xa is reused once the hi products are done
+        den_to_inv();
+        warpgroup_wait<0>();
+        fence_regs(xa);
+        fence_regs(o);
+#pragma unroll
+        for (int i = 0; i < 2 * Cfg::kNT; ++i) {
+          uint32_t hi;
+          split_bf16x2(s[2 * i], s[2 * i + 1], hi, xa[i]);
+        }
+        fence_regs(xa);
+        fence_regs(o);
+        warpgroup_arrive();
+        inter(sPQ);
+        warpgroup_commit_batch();
+      }
+    } else {
+      fence_regs(s);
+      warpgroup_arrive();
+    }
+#pragma unroll
+    for (int kb = 0; kb < Cfg::kChunk / 16; ++kb) {  // S^T += V^T phi(K)
+      const uint64_t da = kblock_desc<GM::Major::MN, 64>(sV, 0, kb);
+      wgmma_ss<typename A::Upd128>(da, kblock_desc<GM::Major::MN, 128>(sPK, 0, kb), s,
+                                   GM::ScaleOut::One, std::make_index_sequence<64>{});
+      wgmma_ss<typename A::Upd32>(da, kblock_desc<GM::Major::MN, 32>(sPK, 4, kb), s + 64,
+                                  GM::ScaleOut::One, std::make_index_sequence<16>{});
+    }
+    warpgroup_commit_batch();
+    if constexpr (!kSplit) den_to_inv();
+    warpgroup_wait<0>();
+    fence_regs(s);
+    if constexpr (AK_MUTANT(prefill_state_bf16)) {
+#pragma unroll
+      for (int i = 0; i < 4 * Cfg::kNT; ++i) s[i] = __bfloat162float(__float2bfloat16_rn(s[i]));
+    }
+    if constexpr (!kStateOnly) {
+      fence_regs(o);
+      fence_regs(xa);
+    }
+    __syncthreads();  // 1/den ready; every read of this stage, of phi and of W is done
+
+    if constexpr (!kStateOnly) {
+      // Epilogue: this thread holds o^T for values 16w+g(+8) and tokens 8n+2t(+1), n = 0..7.
+      // stmatrix.trans writes the 8x8 blocks as token rows of 8 values into the staging tile.
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t r[4];  // matrix i: tokens 8(2np + (i >> 1)) + 0..7, values 16w + 8(i & 1) + 0..7
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int n = 2 * np + (i >> 1), e0 = 2 * (i & 1);
+          const float2 iv = *reinterpret_cast<const float2*>(&sm.inv[8 * n + 2 * t]);
+          r[i] = pack2<T>(o[4 * n + e0] * iv.x, o[4 * n + e0 + 1] * iv.y);
+        }
+        stsm4_t(saddr(&sm.o[16 * np + 8 * (lj >> 1) + lr][16 * warp + 8 * (lj & 1)]), r);
+      }
+      __syncwarp();
+      // This warp's 16 values of 64 token rows: piece lane + 32i is row piece / 2, half piece % 2. All
+      // four loads are issued before the first store (one shared-memory round trip, not four).
+      uint4 piece[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        piece[i] = *reinterpret_cast<const uint4*>(&sm.o[(lane >> 1) + 16 * i][16 * warp + 8 * (lane & 1)]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t tok = t0 + (lane >> 1) + 16 * i;
+        if (tok < t_end) *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * (lane & 1)) = piece[i];
+      }
+    }
+  }
+
+  float* dst_S = nullptr;
+  float* dst_z = nullptr;
+  if constexpr (kStateOnly) {  // this segment's own contribution: S^T in fragment order, z
+    float* dst = ws + (int64_t(bh) * (nseg - 1) + seg) * Cfg::kWsFloats;
+#pragma unroll
+    for (int n = 0; n < Cfg::kNT; ++n)
+      reinterpret_cast<float4*>(dst)[(warp * Cfg::kNT + n) * 32 + lane] =
+          make_float4(s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3]);
+    dst_z = dst + Cfg::kStateFloats;
+  } else if (seg == nseg - 1 && p.S) {  // final state
+    dst_S = p.S + int64_t(bh) * kCompactFeatures * kValueDim;
+    dst_z = p.z + int64_t(bh) * kCompactFeatures;
+  }
+  if (dst_S) {
+    for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
+      if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[4 * n + e];
+    });
+  }
+  if (dst_z && warp == kZWarp) {
+    for_each_g(g, t, [&](int nt, int e, int i, int j) {
+      if (i < j) dst_z[quad_feature(i, j)] = p.scale * gm[nt][e];
+      if (i == j) dst_z[kSquareFeature0 + i] = p.scale * 0.70710678118654752f * gm[nt][e];
+    });
+    if (t == 0) {
+      dst_z[kLinearFeature0 + g] = sqrt_c * ksa[0];
+      dst_z[kLinearFeature0 + 8 + g] = sqrt_c * ksa[2];
+    }
+    if (lane == 0) dst_z[0] = cnt + float(t_end - t_begin);
+    // The workspace copy keeps the zero padding too: the scan sums whole float4s.
+    if (kStateOnly && lane < Cfg::kF - kCompactFeatures) dst_z[kCompactFeatures + lane] = 0.f;
+  }
+}
+
+// In-place inclusive prefix sum over the nparts partial states of each (b, h).
+__global__ void based_prefill_scan_kernel(float4* ws, int64_t bh_count, int nparts) {
+  constexpr int kPer = Cfg::kWsFloats / 4;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= bh_count * kPer) return;
+  float4* x = ws + (i / kPer) * nparts * kPer + (i % kPer);
+  float4 acc = x[0];
+  for (int s = 1; s < nparts; ++s) {
+    const float4 y = x[int64_t(s) * kPer];
+    acc = make_float4(acc.x + y.x, acc.y + y.y, acc.z + y.z, acc.w + y.w);
+    x[int64_t(s) * kPer] = acc;
+  }
+}
+
+}  // namespace
+}  // namespace attn_kernels
