@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+
 #include "based_decode/based_decode.h"
 #include "based_prefill/based_prefill.h"
 #include "sliding_window_decode/sliding_window_decode.h"
@@ -34,6 +36,12 @@ at::Tensor vector_friendly(const at::Tensor& t) {
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.stride(d) % vec == 0 || t.size(d) == 1);
   return ok ? t : t.contiguous();
+}
+
+// The leading strides of t (elements), one field each, in the order given: the launchers' (b, h[, n / w]).
+void copy_strides(const at::Tensor& t, std::initializer_list<int64_t*> fields) {
+  int64_t d = 0;
+  for (int64_t* f : fields) *f = t.stride(d++);
 }
 
 // Output in the layout of `like` when that layout is dense (a (B,N,H,e) view stays (B,N,H,e) in memory).
@@ -70,12 +78,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
 
   BasedPrefillParams p{};
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
-  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
-  p.v_sb = v.stride(0); p.v_sn = v.stride(2);
-  p.v_sh = AK_MUTANT(binding_v_stride) ? v.size(2) * v.size(3) : v.stride(1);
+  copy_strides(q, {&p.q_sb, &p.q_sh, &p.q_sn});
+  copy_strides(k, {&p.k_sb, &p.k_sh, &p.k_sn});
+  copy_strides(v, {&p.v_sb, &p.v_sh, &p.v_sn});
+  if (AK_MUTANT(binding_v_stride)) p.v_sh = v.size(2) * v.size(3);
   p.o = o.data_ptr();
-  p.o_sb = o.stride(0); p.o_sh = o.stride(1); p.o_sn = o.stride(2);
+  copy_strides(o, {&p.o_sb, &p.o_sh, &p.o_sn});
   p.S0 = S0.has_value() ? S0c.data_ptr<float>() : nullptr;
   p.z0 = S0.has_value() ? z0c.data_ptr<float>() : nullptr;
   p.S = return_state ? S.data_ptr<float>() : nullptr;
@@ -106,11 +114,12 @@ at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, con
 
   BasedDecodeParams p{};
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1);
-  p.k_sb = k.stride(0); p.k_sh = k.stride(1);
-  p.v_sb = v.stride(0); p.v_sh = v.stride(1);
+  copy_strides(q, {&p.q_sb, &p.q_sh});
+  copy_strides(k, {&p.k_sb, &p.k_sh});
+  copy_strides(v, {&p.v_sb, &p.v_sh});
   p.S = S.data_ptr(); p.z = z.data_ptr();
-  p.o = o.data_ptr(); p.o_sb = o.stride(0); p.o_sh = o.stride(1);
+  p.o = o.data_ptr();
+  copy_strides(o, {&p.o_sb, &p.o_sh});
   p.B = B; p.H = H;
   p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
   p.dtype = dtype_of(q); p.state_dtype = dtype_of(S);
@@ -140,14 +149,15 @@ at::Tensor sliding_window_decode_cuda(const at::Tensor& q_in, const at::Tensor& 
 
   SlidingWindowDecodeParams p{};
   p.q = q.data_ptr(); p.k_new = kn.data_ptr(); p.v_new = vn.data_ptr();
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1);
-  p.kn_sb = kn.stride(0); p.kn_sh = kn.stride(1);
-  p.vn_sb = vn.stride(0); p.vn_sh = vn.stride(1);
+  copy_strides(q, {&p.q_sb, &p.q_sh});
+  copy_strides(kn, {&p.kn_sb, &p.kn_sh});
+  copy_strides(vn, {&p.vn_sb, &p.vn_sh});
   p.k_cache = k_cache.data_ptr(); p.v_cache = v_cache.data_ptr();
-  p.kc_sb = k_cache.stride(0); p.kc_sh = k_cache.stride(1); p.kc_sw = k_cache.stride(2);
-  p.vc_sb = v_cache.stride(0); p.vc_sh = v_cache.stride(1); p.vc_sw = v_cache.stride(2);
+  copy_strides(k_cache, {&p.kc_sb, &p.kc_sh, &p.kc_sw});
+  copy_strides(v_cache, {&p.vc_sb, &p.vc_sh, &p.vc_sw});
   p.positions = pos.data_ptr<int32_t>();
-  p.o = o.data_ptr(); p.o_sb = o.stride(0); p.o_sh = o.stride(1);
+  p.o = o.data_ptr();
+  copy_strides(o, {&p.o_sb, &p.o_sh});
   p.B = B; p.H = H; p.window = k_cache.size(2); p.e = e;
   p.scale = float(scale);
   p.dtype = dtype_of(q);
