@@ -78,7 +78,7 @@ def perf(session: nox.Session) -> None:
     run_json = kept[-1].split("=", 1)[1] if kept else os.path.join(session.create_tmp(), "perf-run.json")
     pytest_args = [a for a in session.posargs if not a.startswith("--benchmark-json=")]
     session.run("python", "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-json={run_json}", *pytest_args)
-    session.run("python", "perf/gate.py", "--baseline", "perf/baselines", "--noise", "perf/noise",
+    session.run("python", "-m", "perf.gate", "--baseline", "perf/baselines", "--noise", "perf/noise",
                 "--run", run_json)
 
 

@@ -12,22 +12,22 @@
   when it is an optional peer skipped because its package is not installed.
 * A few benchmarks whose noise needs more than the gate's 10% cap get more warm-up and timed rounds
   (STABLE_ROUNDS, through the perf_rounds fixture).
-* ATTN_KERNELS_PERF_SLOWDOWN=op[,op]: attn_kernels runs those ops twice per call (timing.py), recorded
-  as machine_info["perf_slowdown"]; the gate's proof that it catches a slowed build.
+* The timer: pytest-benchmark's ``--benchmark-timer`` is set to perf.clock.cuda_event_device_clock, a clock
+  that advances only by the CUDA-event time measured inside each round (perf/clock.py). Another
+  --benchmark-timer given on the command line is a usage error: the suite times device work, not host time.
+* ATTN_KERNELS_PERF_SLOWDOWN=op[,op]: attn_kernels runs those ops twice per call (perf/slowdown.py),
+  recorded as machine_info["perf_slowdown"]; the gate's proof that it catches a slowed build.
 """
 from __future__ import annotations
 
 import gc
-import sys
 from pathlib import Path
 
 import pytest
 
+from perf import clock, machine, slowdown
+
 PERF_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(PERF_DIR))  # `import timing` from the test modules
-
-import timing  # noqa: E402
-
 BASELINES = PERF_DIR / "baselines"
 _DEFAULT_STORAGE = "file://./.benchmarks"
 _NOTES: list[str] = []
@@ -57,12 +57,13 @@ def _baseline_files(folder: Path) -> list[Path]:
 def pytest_configure(config):
     # Runs before pytest-benchmark's own (trylast) pytest_configure builds its session, so the
     # storage / compare options set here are the ones it uses.
-    if timing.slowed_ops():
-        _NOTES.append(f"perf: {timing.SLOWDOWN_ENV}={','.join(timing.slowed_ops())}: attn_kernels ran those "
-                      f"ops twice per call (a deliberately slowed build, for the gate's proof)")
+    if slowdown.slowed_ops():
+        _NOTES.append(f"perf: {slowdown.SLOWDOWN_ENV}={','.join(slowdown.slowed_ops())}: attn_kernels ran "
+                      f"those ops twice per call (a deliberately slowed build, for the gate's proof)")
     if not hasattr(config.option, "benchmark_storage"):
         return
-    slug = timing.gpu_slug() if _cuda() else None
+    _use_device_clock(config)
+    slug = machine.gpu_slug() if _cuda() else None
     if slug and config.option.benchmark_storage == _DEFAULT_STORAGE:
         config.option.benchmark_storage = f"file://{BASELINES / slug}"
     if slug and config.option.benchmark_compare:
@@ -85,6 +86,24 @@ def pytest_configure(config):
         pass
 
 
+def _use_device_clock(config) -> None:
+    """Make perf.clock's device clock pytest-benchmark's timer (its public --benchmark-timer option, read
+    when its own pytest_configure builds the session, after this one). A timer given on the command line
+    is refused: every number the suite stores must be device time."""
+    from pytest_benchmark.timers import default_timer
+    from pytest_benchmark.utils import NameWrapper
+
+    given = config.option.benchmark_timer
+    args = getattr(getattr(config, "invocation_params", None), "args", ())
+    explicit = any(str(a).startswith("--benchmark-timer") for a in args)
+    if given != clock.TIMER and (explicit or given != str(NameWrapper(default_timer))):
+        raise pytest.UsageError(
+            f"--benchmark-timer={given}: the perf suite times device work with CUDA events and sets the "
+            f"timer itself ({clock.TIMER}; perf/README.md, \"What is timed, and how\"): leave it out."
+        )
+    config.option.benchmark_timer = clock.TIMER
+
+
 def pytest_sessionstart(session):
     # pytest-benchmark's FileStorage saves into <storage>/<python-platform-id>/; the baselines live
     # directly in perf/baselines/<gpu-slug>/ (loading already searches both).
@@ -105,9 +124,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info.update(timing.gpu_info())
-    if timing.slowed_ops():  # marks a deliberately slowed run: perf/gate.py refuses it as a baseline
-        machine_info["perf_slowdown"] = timing.slowed_ops()
+    machine_info.update(machine.gpu_info())
+    if slowdown.slowed_ops():  # marks a deliberately slowed run: perf/gate.py refuses it as a baseline
+        machine_info["perf_slowdown"] = slowdown.slowed_ops()
 
 
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
@@ -150,7 +169,7 @@ def _perf_cuda_cleanup():
 #   rounds cost ~0.2 s per id.
 # - the shortest prefill (N = 1024, ~60 us per call, 5 calls per round): 3 runs spread 4.3%; more rounds
 #   average over more calls and placements.
-# Needs a device run to confirm (noise re-measured with perf/noise_study.py --retire).
+# Needs a device run to confirm (noise re-measured with python -m perf.noise_study --retire).
 STABLE_ROUNDS = {
     "test_perf_based_generation[based-": (200, 400),
     "test_perf_based_generation[based_state_bf16-": (200, 400),

@@ -1,7 +1,7 @@
 """Per-benchmark regression gate: compare a run's pytest-benchmark JSON with a stored baseline.
 
-    python perf/gate.py --baseline B.json --run R.json [R2.json ...] [--noise perf/noise/<slug>.json]
-    python perf/gate.py --baseline perf/baselines --run R.json --noise perf/noise   # newest of the run's GPU
+    python -m perf.gate --baseline B.json --run R.json [R2.json ...] [--noise perf/noise/<slug>.json]
+    python -m perf.gate --baseline perf/baselines --run R.json --noise perf/noise   # newest of the run's GPU
 
 Benchmarks are matched by full test name and compared on the median. Each one has its own threshold,
 from the run-to-run noise measured by perf/noise_study.py, capped:
@@ -51,7 +51,7 @@ DEFAULT_THRESHOLD = MAX_THRESHOLD
 OURS = ("attn_kernels", "based", "based_state_bf16")
 # Optional peers: implementation prefix -> the package whose absence excuses a missing id.
 OPTIONAL_PEERS = {"fla_": "fla", "flash_attn": "flash_attn", "thunderkittens": "thunderkittens"}
-# What timing.import_optional skips with when the package is not installed, e.g.
+# What perf.impls.import_optional skips with when the package is not installed, e.g.
 # "fla (fla-core) not available: `import fla.ops.based` failed: ModuleNotFoundError: No module named 'fla'"
 _NOT_INSTALLED = re.compile(r"`import (?P<module>[\w.]+)` failed: ModuleNotFoundError: "
                             r"No module named '(?P<missing>[\w.]+)'")
@@ -316,7 +316,7 @@ def no_baseline_message(slug: str | None, folder: str | Path, run_path: str | Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m perf.gate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True,
                    help="baseline (*.json), or a folder (perf/baselines): the newest file of its <gpu-slug>/")

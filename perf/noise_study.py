@@ -1,9 +1,9 @@
 """Run-to-run noise of the perf suite: the thresholds of perf/gate.py come from here.
 
-    python perf/noise_study.py [-n 5] [--append [--retire SUBSTRING]] [--session LABEL] [--keep-json DIR]
+    python -m perf.noise_study [-n 5] [--append [--retire SUBSTRING]] [--session LABEL] [--keep-json DIR]
                                [-- PYTEST_ARGS]
-    python perf/noise_study.py --from-json r1.json r2.json ... [--append] [--session LABEL]
-    python perf/noise_study.py --held-out BASELINE.json [--out NOISE.json]
+    python -m perf.noise_study --from-json r1.json r2.json ... [--append] [--session LABEL]
+    python -m perf.noise_study --held-out BASELINE.json [--out NOISE.json]
 
 Runs ``python -m pytest perf --benchmark-json=...`` n times (default 5) on unchanged code, one subprocess
 per repetition (a fresh CUDA context, compilation caches as a user's rerun would find them), or takes
@@ -41,7 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import gate
+from perf import gate
 
 PERF_DIR = Path(__file__).resolve().parent
 NOISE_DIR = PERF_DIR / "noise"
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m perf.noise_study", description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after -- go to pytest, e.g. -- -k attn_kernels")
     p.add_argument("-n", "--repetitions", type=int, default=5, help="suite runs (default 5)")
     p.add_argument("--from-json", nargs="+", metavar="JSON", help="use these runs, do not run the suite")

@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gate
-from .timing import HBM_BYTES_PER_S, PEAK_FLOPS
+from perf import gate
+from perf.cost import HBM_BYTES_PER_S, PEAK_FLOPS
 
 PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent

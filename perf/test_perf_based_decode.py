@@ -1,38 +1,39 @@
 """based_decode: one generation step, timed inside a CUDA graph of K steps over K rotating input/state
-sets (timing.bench_graph), as decode is served.
+sets (perf.measure.bench_graph), as decode is served. The implementations are the ``IMPLS`` records
+(perf.impls.Impl).
 
 Ids: test_perf_based_decode[<impl>-state_<fp32|bf16>-B<B>-H<H>-bf16].
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
 
-import timing
 from attn_kernels.reference import feature_map_compact, feature_map_expanded
+from perf.cost import F_COMPACT, F_EXPANDED, decode_cost
+from perf.impls import FLA_MISSING, GRAPH, OPTIONAL, OURS, TORCH, Impl, bench, randn
 
 OP = "based_decode"
 D, E = 16, 64
-F = timing.F_COMPACT
+F = F_COMPACT
 DTYPE = torch.bfloat16
 SCALE = 1.0 / math.sqrt(D)
 EPS = 1e-6
 
 SHAPES = [(1, 16), (16, 16), (64, 16), (256, 16), (1024, 16)]
-IMPLS = [
-    ("attn_kernels", "fp32"),
-    ("attn_kernels", "bf16"),
-    ("torch", "fp32"),
-    ("torch_compile", "fp32"),
-    ("fla_fused_recurrent", "fp32"),
-]
-CASES = [
-    pytest.param(impl, state, B, H, id=f"{impl}-state_{state}-B{B}-H{H}-bf16")
-    for (B, H) in SHAPES
-    for impl, state in IMPLS
-]
+
+
+class Shape(NamedTuple):
+    B: int
+    H: int
+
+    def info(self) -> dict:  # extra_info["shape"]
+        return {"B": self.B, "H": self.H, "e": E}
+
+
 _STATE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -58,71 +59,89 @@ def _compiled_273():
 
 def _state(B, H, nfeat, dtype):
     """A plausible non-zero state: z's constant feature ~ tokens seen, the rest small and random."""
-    S = timing.randn(B, H, nfeat, E, dtype=dtype, std=0.1)
-    z = timing.randn(B, H, nfeat, dtype=torch.float32, std=0.1)
+    S = randn(B, H, nfeat, E, dtype=dtype, std=0.1)
+    z = randn(B, H, nfeat, dtype=torch.float32, std=0.1)
     z[..., 0] = 100.0
     return S, z.to(dtype)
 
 
 def _qkv(B, H):
-    return (timing.randn(B, H, D, dtype=DTYPE), timing.randn(B, H, D, dtype=DTYPE),
-            timing.randn(B, H, E, dtype=DTYPE))
+    return randn(B, H, D, dtype=DTYPE), randn(B, H, D, dtype=DTYPE), randn(B, H, E, dtype=DTYPE)
 
 
-def _impl(impl: str, state: str, B: int, H: int):
-    """-> (step(*set), make_set(), ours?)"""
-    sdt = _STATE_DTYPE[state]
-    if impl == "attn_kernels":
-        ak = timing.import_attn_kernels()
+def _inputs(nfeat: int, state_dtype: torch.dtype):
+    """-> shape -> one (q, k, v, S, z) set, the state nfeat wide in state_dtype."""
 
-        def make():
-            S, z = _state(B, H, F, sdt)
-            return (*_qkv(B, H), S, z)
+    def make(s: Shape):
+        S, z = _state(s.B, s.H, nfeat, state_dtype)
+        return (*_qkv(s.B, s.H), S, z)
 
-        return (lambda q, k, v, S, z: ak.based_decode(q, k, v, (S, z), eps=EPS)), make, ak
-    if impl in ("torch", "torch_compile"):
-        fn = torch_decode_273 if impl == "torch" else _compiled_273()
+    return make
 
-        def make():
-            S, z = _state(B, H, timing.F_EXPANDED, torch.float32)
-            return (*_qkv(B, H), S, z)
 
-        return (lambda q, k, v, S, z: fn(q, k, v, S, z, SCALE, EPS)), make, None
-    if impl == "fla_fused_recurrent":
-        m = timing.import_optional("fla.ops.linear_attn", "fla (fla-core) not available")
+def _fla_inputs(s: Shape):
+    q, k, v = _qkv(s.B, s.H)
+    S, z = _state(s.B, s.H, F, torch.float32)
+    # fla layout (B, T=1, H, .); z_state (B, 1, H, F)
+    return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), S, z.unsqueeze(1)
 
-        def make():
-            q, k, v = _qkv(B, H)
-            S, z = _state(B, H, F, torch.float32)
-            # fla layout (B, T=1, H, .); z_state (B, 1, H, F)
-            return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), S, z.unsqueeze(1)
 
-        def step(q, k, v, S, z):
-            # 153-wide Taylor features computed by the caller (inside the graph, timed), scale 1: fla's
-            # kernel updates S (written to a new fp32 buffer) and gives the numerator phi(q).S'; the
-            # caller updates z and divides -- what fla's normalize=True does, minus its autotuned
-            # cumsum kernel (48 configs re-tuned for every B, H: ~40 s per fresh machine).
-            fq, fk = feature_map_compact(q, SCALE), feature_map_compact(k, SCALE)
-            num, _ = m.fused_recurrent_linear_attn(fq, fk, v, scale=1.0, initial_state=S,
-                                                   output_final_state=True, normalize=False)
-            z_new = z + fk.float()
-            den = (fq.float() * z_new).sum(-1, keepdim=True)
-            return (num.float() / (den + EPS)).to(q.dtype)
+def _fla_step(m, s: Shape):
+    def step(q, k, v, S, z):
+        # 153-wide Taylor features computed by the caller (inside the graph, timed), scale 1: fla's
+        # kernel updates S (written to a new fp32 buffer) and gives the numerator phi(q).S'; the
+        # caller updates z and divides -- what fla's normalize=True does, minus its autotuned
+        # cumsum kernel (48 configs re-tuned for every B, H: ~40 s per fresh machine).
+        fq, fk = feature_map_compact(q, SCALE), feature_map_compact(k, SCALE)
+        num, _ = m.fused_recurrent_linear_attn(fq, fk, v, scale=1.0, initial_state=S,
+                                               output_final_state=True, normalize=False)
+        z_new = z + fk.float()
+        den = (fq.float() * z_new).sum(-1, keepdim=True)
+        return (num.float() / (den + EPS)).to(q.dtype)
 
-        return step, make, None
-    raise AssertionError(impl)
+    return step
+
+
+def _torch_step(compiled: bool):
+    def build(_, s: Shape):
+        fn = _compiled_273() if compiled else torch_decode_273
+        return lambda q, k, v, S, z: fn(q, k, v, S, z, SCALE, EPS)
+
+    return build
+
+
+def _impl(peer: str, state: str, step, inputs, *, source: str, module: str | None = None) -> Impl:
+    """A decode record: in a CUDA graph, charged decode_cost in the state dtype, rotated over 4 to 1024
+    sets sized by the 153-wide state in that dtype (the state each step touches)."""
+    itemsize = torch.empty((), dtype=_STATE_DTYPE[state]).element_size()
+    return Impl(f"{peer}-state_{state}", (peer, state), source, step, inputs=inputs,
+                cost=lambda s: decode_cost(s.B, s.H, state_itemsize=itemsize, d=D, e=E),
+                footprint=lambda s: s.B * s.H * (F * E + F) * itemsize, timing=GRAPH, min_sets=4,
+                max_sets=1024, module=module, missing=FLA_MISSING if module else "")
+
+
+def _ours(ak, s: Shape):
+    return lambda q, k, v, S, z: ak.based_decode(q, k, v, (S, z), eps=EPS)
+
+
+IMPLS = [
+    _impl("attn_kernels", "fp32", _ours, _inputs(F, torch.float32), source=OURS),
+    _impl("attn_kernels", "bf16", _ours, _inputs(F, torch.bfloat16), source=OURS),
+    _impl("torch", "fp32", _torch_step(False), _inputs(F_EXPANDED, torch.float32), source=TORCH),
+    _impl("torch_compile", "fp32", _torch_step(True), _inputs(F_EXPANDED, torch.float32), source=TORCH),
+    _impl("fla_fused_recurrent", "fp32", _fla_step, _fla_inputs, source=OPTIONAL,
+          module="fla.ops.linear_attn"),
+]
+BY_PARAMS = {impl.params: impl for impl in IMPLS}
+CASES = [
+    pytest.param(*impl.params, B, H, id=f"{impl.name}-B{B}-H{H}-bf16")
+    for (B, H) in SHAPES
+    for impl in IMPLS
+]
 
 
 @pytest.mark.parametrize("impl,state,B,H", CASES)
 def test_perf_based_decode(benchmark, perf_rounds, impl, state, B, H):
     rounds, warmup = perf_rounds
-    step, make, ak = _impl(impl, state, B, H)
-    itemsize = torch.empty((), dtype=_STATE_DTYPE[state]).element_size()
-    nbytes, flops = timing.decode_cost(B, H, state_itemsize=itemsize, d=D, e=E)
-    info = timing.extra_info(OP, f"{impl}-state_{state}", {"B": B, "H": H, "e": E}, nbytes, flops)
     benchmark.group = f"{OP} B{B} H{H}"
-    footprint = B * H * (F * E + F) * itemsize  # the state each step touches
-    K = timing.rotation_count(footprint, min_sets=4, max_sets=1024)
-    sets = [make() for _ in range(K)]
-    with torch.no_grad(), timing.peer_errors_skip(impl, ak):
-        timing.bench_graph(benchmark, step, sets, info, rounds=rounds, warmup_rounds=warmup)
+    bench(benchmark, BY_PARAMS[impl, state], Shape(B, H), op=OP, rounds=rounds, warmup_rounds=warmup)

@@ -9,19 +9,22 @@
   `ctx` tokens, `F.scaled_dot_product_attention(q (B,H,1,e), K, V (B,H,ctx,e))` with the backend forced.
   Attention only: appending the new key/value to the cache is left out (it favours softmax, slightly).
 
-All three run inside a CUDA graph of K steps over K rotating input sets (timing.bench_graph), like the
-decode benchmarks. extra_info carries tokens_per_s = B / time per step (one layer); the ratio Based over the
-faster softmax backend is computed by `python -m perf.report` and printed at the end of the session.
+All three run inside a CUDA graph of K steps over K rotating input sets (perf.measure.bench_graph), like
+the decode benchmarks; the implementations are the ``IMPLS`` records (perf.impls.Impl). extra_info carries
+tokens_per_s = B / time per step (one layer); the ratio Based over the faster softmax backend is computed by
+`python -m perf.report` and printed at the end of the session.
 Ids: test_perf_based_generation[<impl>-B<B>-H<H>-ctx<ctx>-bf16].
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
 
-import timing
+from perf.cost import F_COMPACT, decode_cost, sliding_window_cost, softmax_decode_cost
+from perf.impls import GRAPH, OURS, TORCH, Impl, bench, randn, sdpa_backend
 
 OP = "based_generation"
 B, H = 128, 16
@@ -31,57 +34,83 @@ DTYPE = torch.bfloat16
 EPS = 1e-6
 CONTEXTS = [2048, 8192]
 BASED_STATE = {"based": torch.float32, "based_state_bf16": torch.bfloat16}  # impl -> decode state dtype
-IMPLS = [*BASED_STATE, "softmax_sdpa_cudnn", "softmax_sdpa_flash"]
-CASES = [pytest.param(impl, ctx, id=f"{impl}-B{B}-H{H}-ctx{ctx}-bf16") for ctx in CONTEXTS for impl in IMPLS]
+
+
+class Shape(NamedTuple):
+    ctx: int
+
+    def info(self) -> dict:  # extra_info["shape"]
+        return {"B": B, "H": H, "ctx": self.ctx, "e": E}
+
 
 _TOKENS_PER_S: dict[int, dict[str, float]] = {}  # ctx -> impl -> tokens/s, for the session-end ratio line
 
 
-def softmax_decode_cost(B: int, H: int, ctx: int, e: int, *, itemsize: int = 2) -> tuple[int, int]:
-    """K and V of the whole context read once, q read, o written; FLOPs as timing.sliding_window_cost."""
-    nbytes = B * H * ctx * e * 2 * itemsize + B * H * e * 2 * itemsize
-    flops = B * H * ctx * (4 * e + 4)
-    return nbytes, flops
+def _r(*shape):
+    return randn(*shape, dtype=DTYPE)
 
 
-def _impl(impl: str, ctx: int):
-    """-> (step(*set), make_set(), bytes per set, (bytes, flops) per step, context factory or None,
-    attn_kernels module for ours else None)."""
-    r = lambda *s: timing.randn(*s, dtype=DTYPE)  # noqa: E731
-    if impl in BASED_STATE:
-        ak = timing.import_attn_kernels()
-        F = timing.F_COMPACT
-        state_dtype = BASED_STATE[impl]
-        state_itemsize = torch.empty((), dtype=state_dtype).element_size()
+# ---- Based: based_decode + sliding_window_decode ------------------------------------------------------
+def _based_inputs(state_dtype: torch.dtype):
+    def make(s: Shape):
+        S = randn(B, H, F_COMPACT, E, dtype=state_dtype, std=0.1)
+        z = randn(B, H, F_COMPACT, dtype=state_dtype, std=0.1)
+        z[..., 0] = 100.0  # the constant feature ~ tokens seen: a plausible denominator
+        # every sequence at the same context; the new token is its last one
+        pos = torch.full((B,), s.ctx - 1, dtype=torch.int32, device="cuda")
+        return (_r(B, H, D), _r(B, H, D), _r(B, H, E), S, z,
+                _r(B, H, E), _r(B, H, E), _r(B, H, E), _r(B, H, W, E), _r(B, H, W, E), pos)
 
-        def make():
-            S = timing.randn(B, H, F, E, dtype=state_dtype, std=0.1)
-            z = timing.randn(B, H, F, dtype=state_dtype, std=0.1)
-            z[..., 0] = 100.0  # the constant feature ~ tokens seen: a plausible denominator
-            # every sequence at the same context; the new token is its last one
-            pos = torch.full((B,), ctx - 1, dtype=torch.int32, device="cuda")
-            return (r(B, H, D), r(B, H, D), r(B, H, E), S, z,
-                    r(B, H, E), r(B, H, E), r(B, H, E), r(B, H, W, E), r(B, H, W, E), pos)
+    return make
 
-        def step(q, k, v, S, z, qw, kw, vw, kc, vc, pos):
-            o = ak.based_decode(q, k, v, (S, z), eps=EPS)
-            return o, ak.sliding_window_decode(qw, kw, vw, kc, vc, pos, window=W)
 
-        dec_bytes, dec_flops = timing.decode_cost(B, H, state_itemsize=state_itemsize, d=D, e=E)
-        win_bytes, win_flops = timing.sliding_window_cost(B, H, W, E)
-        footprint = B * H * (F * E + F) * state_itemsize + B * H * W * E * 2 * 2  # state + window's K, V
-        return step, make, footprint, (dec_bytes + win_bytes, dec_flops + win_flops), None, ak
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _based_step(ak, s: Shape):
+    def step(q, k, v, S, z, qw, kw, vw, kc, vc, pos):
+        o = ak.based_decode(q, k, v, (S, z), eps=EPS)
+        return o, ak.sliding_window_decode(qw, kw, vw, kc, vc, pos, window=W)
 
-    backend = SDPBackend.CUDNN_ATTENTION if impl == "softmax_sdpa_cudnn" else SDPBackend.FLASH_ATTENTION
-    make = lambda: (r(B, H, 1, E), r(B, H, ctx, E), r(B, H, ctx, E))  # noqa: E731
-    scale = 1.0 / math.sqrt(E)
+    return step
+
+
+def _based(name: str, state_dtype: torch.dtype) -> Impl:
+    """The Based mixer's step: charged decode_cost + sliding_window_cost, rotated over 4 to 1024 sets sized
+    by the state and the window's K and V."""
+    itemsize = torch.empty((), dtype=state_dtype).element_size()
+
+    def cost(s: Shape) -> tuple[int, int]:
+        dec_bytes, dec_flops = decode_cost(B, H, state_itemsize=itemsize, d=D, e=E)
+        win_bytes, win_flops = sliding_window_cost(B, H, W, E)
+        return dec_bytes + win_bytes, dec_flops + win_flops
+
+    return Impl(name, (name,), OURS, _based_step, inputs=_based_inputs(state_dtype), cost=cost,
+                footprint=lambda s: B * H * (F_COMPACT * E + F_COMPACT) * itemsize + B * H * W * E * 2 * 2,
+                timing=GRAPH, min_sets=4, max_sets=1024)
+
+
+# ---- softmax: SDPA over the full KV cache ---------------------------------------------------------------
+def _softmax_step(_, s: Shape):
     # no causal mask: the one query is the newest token and sees every cached key (is_causal=True would
     # align the mask top-left and let it see only the first key)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    step = lambda q, k, v: sdpa(q, k, v, scale=scale)  # noqa: E731
-    footprint = B * H * ctx * E * 2 * 2  # K and V of the context
-    return step, make, footprint, softmax_decode_cost(B, H, ctx, E), (lambda: sdpa_kernel([backend])), None
+    scale = 1.0 / math.sqrt(E)
+    return lambda q, k, v: sdpa(q, k, v, scale=scale)
+
+
+def _softmax(name: str, backend: str) -> Impl:
+    """A softmax peer: attention only (no append), charged softmax_decode_cost; a set (>= 1 GB of K, V at
+    these shapes) is far past the L2 already, so 2 sets (ctx 8192 stays under 9 GB)."""
+    return Impl(name, (name,), TORCH, _softmax_step,
+                inputs=lambda s: (_r(B, H, 1, E), _r(B, H, s.ctx, E), _r(B, H, s.ctx, E)),
+                cost=lambda s: softmax_decode_cost(B, H, s.ctx, E),
+                footprint=lambda s: B * H * s.ctx * E * 2 * 2, timing=GRAPH, min_sets=2, max_sets=1024,
+                context=sdpa_backend(backend))
+
+
+IMPLS = [*(_based(name, dtype) for name, dtype in BASED_STATE.items()),
+         _softmax("softmax_sdpa_cudnn", "CUDNN_ATTENTION"), _softmax("softmax_sdpa_flash", "FLASH_ATTENTION")]
+BY_NAME = {impl.name: impl for impl in IMPLS}
+CASES = [pytest.param(impl.name, ctx, id=f"{impl.name}-B{B}-H{H}-ctx{ctx}-bf16")
+         for ctx in CONTEXTS for impl in IMPLS]
 
 
 class _RatioSummary:
@@ -115,15 +144,9 @@ def _ratio_summary(request):
 @pytest.mark.parametrize("impl,ctx", CASES)
 def test_perf_based_generation(benchmark, perf_rounds, impl, ctx):
     rounds, warmup = perf_rounds
-    step, make, footprint, (nbytes, flops), context, ak = _impl(impl, ctx)
-    info = timing.extra_info(OP, impl, {"B": B, "H": H, "ctx": ctx, "e": E}, nbytes, flops)
-    info["tokens_per_s"] = None  # filled from the median below
     benchmark.group = f"{OP} B{B} H{H} ctx{ctx}"
-    # a softmax set (>= 1 GB of K, V) is far past the L2 already: 2 sets keep ctx 8192 under 9 GB
-    K = timing.rotation_count(footprint, min_sets=4 if ak else 2, max_sets=1024)
-    sets = [make() for _ in range(K)]
-    with torch.no_grad(), timing.peer_errors_skip(impl, ak):
-        timing.bench_graph(benchmark, step, sets, info, rounds=rounds, warmup_rounds=warmup, context=context)
+    bench(benchmark, BY_NAME[impl], Shape(ctx), op=OP, rounds=rounds, warmup_rounds=warmup,
+          extra={"tokens_per_s": None})  # filled from the median below
     if benchmark.stats is not None and not benchmark.disabled:
         tps = B / benchmark.stats.stats.median  # one token per sequence per step
         benchmark.extra_info["tokens_per_s"] = tps

@@ -1,16 +1,19 @@
-"""based_prefill: attn_kernels vs PyTorch and fla. Eager timing over rotating input sets (timing.py).
+"""based_prefill: attn_kernels vs PyTorch and fla. Eager timing over rotating input sets (perf.measure).
 
+The implementations are the ``IMPLS`` records (perf.impls.Impl).
 Ids: test_perf_based_prefill[<impl>-<norm|num>-B<B>-H<H>-N<N>-bf16].
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
 
-import timing
 from attn_kernels.reference import feature_map_compact
+from perf.cost import prefill_cost
+from perf.impls import EAGER, FLA_MISSING, OPTIONAL, OURS, REFERENCE_MISSING, TORCH, Impl, bench, randn
 
 OP = "based_prefill"
 D, E = 16, 64
@@ -20,20 +23,15 @@ EPS = 1e-6
 
 SHAPES = [(16, 16, 1024), (16, 16, 2048), (16, 16, 4096), (16, 16, 8192), (16, 16, 16384), (4, 16, 32768),
           (64, 16, 2048)]
-IMPLS = [
-    ("attn_kernels", "norm"),
-    ("attn_kernels", "num"),
-    ("torch", "norm"),
-    ("torch_compile", "norm"),
-    ("fla_parallel", "norm"),
-    ("fla_fused_chunk", "norm"),
-    ("fla_fused_recurrent", "norm"),
-]
-CASES = [
-    pytest.param(impl, mode, B, H, N, id=f"{impl}-{mode}-B{B}-H{H}-N{N}-bf16")
-    for (B, H, N) in SHAPES
-    for impl, mode in IMPLS
-]
+
+
+class Shape(NamedTuple):
+    B: int
+    H: int
+    N: int
+
+    def info(self) -> dict:  # extra_info["shape"]
+        return {"B": self.B, "H": self.H, "N": self.N}
 
 
 # ---- the torch.compile peer ---------------------------------------------------------------------
@@ -73,74 +71,83 @@ def _compiled_loopfree():
 
 
 # ---- inputs and implementations -----------------------------------------------------------------
-def _make_sets(n_sets: int, B: int, H: int, N: int, layout: str):
-    """layout 'bhnd': (B, H, N, .) contiguous (ours, reference).
+def _inputs(layout: str):
+    """-> shape -> one (q, k, v) set. layout 'bhnd': (B, H, N, .) contiguous (ours, reference).
     'bthd_view': (B, N, H, .) *views* of (B, H, N, .)-contiguous storage: fla's based kernels take
     (B, T, H, D) and transpose to (B, H, T, D) + .contiguous() internally, which is then free.
     'bthd': (B, N, H, .) contiguous (fla's fused_recurrent kernel reads (B, T, H, K) directly)."""
-    sets = []
-    for _ in range(n_sets):
-        if layout == "bthd":
-            q = timing.randn(B, N, H, D, dtype=DTYPE)
-            k = timing.randn(B, N, H, D, dtype=DTYPE)
-            v = timing.randn(B, N, H, E, dtype=DTYPE)
-        else:
-            q = timing.randn(B, H, N, D, dtype=DTYPE)
-            k = timing.randn(B, H, N, D, dtype=DTYPE)
-            v = timing.randn(B, H, N, E, dtype=DTYPE)
-            if layout == "bthd_view":
-                q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        sets.append((q, k, v))
-    return sets
+
+    def make(s: Shape):
+        dims = (s.B, s.N, s.H) if layout == "bthd" else (s.B, s.H, s.N)
+        q, k, v = (randn(*dims, n, dtype=DTYPE) for n in (D, D, E))
+        if layout == "bthd_view":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return q, k, v
+
+    return make
 
 
-def _impl(impl: str, mode: str):
-    """-> (callable(q, k, v), layout, attn_kernels module for ours else None)."""
-    normalize = mode == "norm"
-    if impl == "attn_kernels":
-        ak = timing.import_attn_kernels()
-        return (lambda q, k, v: ak.based_prefill(q, k, v, normalize=normalize, eps=EPS)), "bhnd", ak
-    if impl == "torch":
-        ref = timing.import_optional("attn_kernels.reference", "PyTorch reference")
-        return (lambda q, k, v: ref.based_chunked(q, k, v, normalize=normalize, eps=EPS)[0]), "bhnd", None
-    if impl == "torch_compile":
-        fn = _compiled_loopfree()
-        return (lambda q, k, v: fn(q, k, v, SCALE, normalize, EPS)), "bhnd", None
-    if impl == "fla_parallel":
-        m = timing.import_optional("fla.ops.based", "fla (fla-core) not available")
-        return (lambda q, k, v: m.parallel_based(q, k, v, scale=SCALE, use_norm=normalize)), "bthd_view", None
-    if impl == "fla_fused_chunk":
-        m = timing.import_optional("fla.ops.based", "fla (fla-core) not available")
-        fn = m.fused_chunk_based
-        return (lambda q, k, v: fn(q, k, v, scale=SCALE, use_norm=normalize)), "bthd_view", None
-    if impl == "fla_fused_recurrent":
-        m = timing.import_optional("fla.ops.linear_attn", "fla (fla-core) not available")
-        # fla's recurrent linear-attention kernel (numerator, state in float32) on the 153-wide Taylor
-        # features, computed by the caller (timed), scale=1. The denominator phi(q_i).sum_{j<=i} phi(k_j)
-        # is also the caller's: the float32 cumsum + dot that fla's own normalize=True does, minus its
-        # chunk_global_cumsum kernel, whose 48-config autotune (re-run for every B, H) costs ~40 s of
-        # compilation per fresh machine.
-        if not normalize:
-            pytest.skip("fla_fused_recurrent is benchmarked normalized only")
+def _cost(s: Shape) -> tuple[int, int]:
+    return prefill_cost(s.B, s.H, s.N, d=D, e=E)
 
-        def run(q, k, v):
-            fq, fk = feature_map_compact(q, SCALE), feature_map_compact(k, SCALE)
-            num = m.fused_recurrent_linear_attn(fq, fk, v, scale=1.0, normalize=False)[0]
-            den = (fq.float() * torch.cumsum(fk, dim=1, dtype=torch.float32)).sum(-1, keepdim=True)
-            return (num.float() / (den + EPS)).to(q.dtype)
 
-        return run, "bthd", None
-    raise AssertionError(impl)
+def _impl(peer: str, mode: str, step, *, source: str = OPTIONAL, module: str | None = None,
+          missing: str = "", layout: str = "bhnd") -> Impl:
+    """A prefill record: eager, charged prefill_cost, 2 to 8 sets of that many bytes."""
+    return Impl(f"{peer}-{mode}", (peer, mode), source, step, inputs=_inputs(layout), cost=_cost,
+                footprint=lambda s: _cost(s)[0], timing=EAGER, min_sets=2, max_sets=8, module=module,
+                missing=missing)
+
+
+def _fla_fused_recurrent(m, s: Shape):
+    # fla's recurrent linear-attention kernel (numerator, state in float32) on the 153-wide Taylor features,
+    # computed by the caller (timed), scale=1. The denominator phi(q_i).sum_{j<=i} phi(k_j) is also the
+    # caller's: the float32 cumsum + dot that fla's own normalize=True does, minus its chunk_global_cumsum
+    # kernel, whose 48-config autotune (re-run for every B, H) costs ~40 s of compilation per fresh machine.
+    def run(q, k, v):
+        fq, fk = feature_map_compact(q, SCALE), feature_map_compact(k, SCALE)
+        num = m.fused_recurrent_linear_attn(fq, fk, v, scale=1.0, normalize=False)[0]
+        den = (fq.float() * torch.cumsum(fk, dim=1, dtype=torch.float32)).sum(-1, keepdim=True)
+        return (num.float() / (den + EPS)).to(q.dtype)
+
+    return run
+
+
+def _ours(normalize: bool):
+    return lambda ak, s: lambda q, k, v: ak.based_prefill(q, k, v, normalize=normalize, eps=EPS)
+
+
+def _torch_compile(_, s: Shape):
+    fn = _compiled_loopfree()
+    return lambda q, k, v: fn(q, k, v, SCALE, True, EPS)
+
+
+IMPLS = [
+    _impl("attn_kernels", "norm", _ours(True), source=OURS),
+    _impl("attn_kernels", "num", _ours(False), source=OURS),
+    _impl("torch", "norm",
+          lambda ref, s: lambda q, k, v: ref.based_chunked(q, k, v, normalize=True, eps=EPS)[0],
+          source=TORCH, module="attn_kernels.reference", missing=REFERENCE_MISSING),
+    _impl("torch_compile", "norm", _torch_compile, source=TORCH),
+    _impl("fla_parallel", "norm",
+          lambda m, s: lambda q, k, v: m.parallel_based(q, k, v, scale=SCALE, use_norm=True),
+          module="fla.ops.based", missing=FLA_MISSING, layout="bthd_view"),
+    _impl("fla_fused_chunk", "norm",
+          lambda m, s: lambda q, k, v: m.fused_chunk_based(q, k, v, scale=SCALE, use_norm=True),
+          module="fla.ops.based", missing=FLA_MISSING, layout="bthd_view"),
+    _impl("fla_fused_recurrent", "norm", _fla_fused_recurrent, module="fla.ops.linear_attn",
+          missing=FLA_MISSING, layout="bthd"),
+]
+BY_PARAMS = {impl.params: impl for impl in IMPLS}
+CASES = [
+    pytest.param(*impl.params, B, H, N, id=f"{impl.name}-B{B}-H{H}-N{N}-bf16")
+    for (B, H, N) in SHAPES
+    for impl in IMPLS
+]
 
 
 @pytest.mark.parametrize("impl,mode,B,H,N", CASES)
 def test_perf_based_prefill(benchmark, perf_rounds, impl, mode, B, H, N):
     rounds, warmup = perf_rounds
-    fn, layout, ak = _impl(impl, mode)
-    nbytes, flops = timing.prefill_cost(B, H, N, d=D, e=E)
-    info = timing.extra_info(OP, f"{impl}-{mode}", {"B": B, "H": H, "N": N}, nbytes, flops)
     benchmark.group = f"{OP} B{B} H{H} N{N}"
-    n_sets = timing.rotation_count(nbytes, min_sets=2, max_sets=8)
-    sets = _make_sets(n_sets, B, H, N, layout)
-    with torch.no_grad(), timing.peer_errors_skip(impl, ak):
-        timing.bench_eager(benchmark, fn, sets, info, rounds=rounds, warmup_rounds=warmup)
+    bench(benchmark, BY_PARAMS[impl, mode], Shape(B, H, N), op=OP, rounds=rounds, warmup_rounds=warmup)

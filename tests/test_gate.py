@@ -1,5 +1,6 @@
 """CPU tests of the perf regression gate (perf/gate.py), the noise file (perf/noise_study.py) on hand-made
-pytest-benchmark JSON in tests/fixtures/gate_*.json, and the perf suite's slow-down switch (perf/timing.py).
+pytest-benchmark JSON in tests/fixtures/gate_*.json, the perf suite's slow-down switch (perf/slowdown.py) and
+its conftest (perf/conftest.py: storage, skipped ids, rounds, the timer).
 
 The run against the baseline: decode fp32 +12% (noise spread 5%: 15% wanted, capped at 10%), decode bf16
 +1%, prefill +5% (spread 0.4%: threshold 3%), sliding-window attn_kernels 2x, sliding-window torch 30% faster
@@ -17,12 +18,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "perf"))
+from perf import clock, gate, noise_study, slowdown
 
-import gate  # noqa: E402
-import noise_study  # noqa: E402
-import timing  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NOISE_H200 = ROOT / "perf" / "noise" / "nvidia-h200.json"
 
@@ -398,10 +396,10 @@ def test_noise_study_refuses_slowed_runs(tmp_path):
 
 
 def test_slowdown_switch(monkeypatch):
-    monkeypatch.delenv(timing.SLOWDOWN_ENV, raising=False)
-    assert timing.slowed_ops() == []
-    monkeypatch.setenv(timing.SLOWDOWN_ENV, "based_decode, sliding_window_decode")
-    assert timing.slowed_ops() == ["based_decode", "sliding_window_decode"]
+    monkeypatch.delenv(slowdown.SLOWDOWN_ENV, raising=False)
+    assert slowdown.slowed_ops() == []
+    monkeypatch.setenv(slowdown.SLOWDOWN_ENV, "based_decode, sliding_window_decode")
+    assert slowdown.slowed_ops() == ["based_decode", "sliding_window_decode"]
     calls = []
 
     class FakeAk:
@@ -412,16 +410,16 @@ def test_slowdown_switch(monkeypatch):
         def based_prefill(self, *args):
             calls.append(("based_prefill", args))
 
-    slowed = timing._Slowed(FakeAk(), ["based_decode"])
+    slowed = slowdown.Slowed(FakeAk(), ["based_decode"])
     assert slowed.based_decode(1) == 2 and calls == [("based_decode", (1,))] * 2  # twice per call
     slowed.based_prefill(2)
     assert calls[2:] == [("based_prefill", (2,))]  # the others untouched
     with pytest.raises(ValueError, match="no op 'based_decod'"):
-        timing._Slowed(FakeAk(), ["based_decod"])
+        slowdown.Slowed(FakeAk(), ["based_decod"])
 
 
 # --------------------------------------------------------------------------------------------------
-# perf/conftest.py: skipped ids in the run JSON, the baseline folder, per-id rounds
+# perf/conftest.py: skipped ids in the run JSON, the baseline folder, per-id rounds, the timer
 # --------------------------------------------------------------------------------------------------
 def _perf_conftest():
     spec = importlib.util.spec_from_file_location("perf_conftest_under_test", ROOT / "perf" / "conftest.py")
@@ -433,12 +431,25 @@ def _perf_conftest():
 FAKE_SUITE = '''
 import pytest
 
+from perf import clock
+
+ROUND_S = [3e-6, 1e-6, 2e-6, 5e-6, 4e-6]  # "device time" of each round: the first one is the warm-up
+
+
 @pytest.mark.parametrize("impl", ["attn_kernels-B1", "fla_decoding-B1", "flash_attn-B1"])
 def test_perf_fake(benchmark, impl):
     if impl.startswith("fla_"):
         pytest.skip("fla (fla-core) not available: `import fla.ops.attn.decoding` failed: "
                     "ModuleNotFoundError: No module named 'fla'")
-    benchmark(lambda: None)
+    times = iter(ROUND_S)
+    with clock.running() as device_clock:
+        benchmark.pedantic(lambda: device_clock.advance(next(times)), rounds=4, warmup_rounds=1)
+    clock.verify(benchmark, device_clock, 4, 1)  # as perf.measure does after every benchmark
+
+
+def test_calibrating_benchmark_fails(benchmark):
+    with pytest.raises(RuntimeError, match="outside a perf measurement"):
+        benchmark(lambda: None)
 
 @pytest.mark.skip(reason="flash_attn not installed: `import flash_attn` failed: "
                          "ModuleNotFoundError: No module named 'flash_attn'")
@@ -464,6 +475,12 @@ def test_run_json_records_skipped_ids_in_fullname_format(tmp_path):
     fullnames = {b["fullname"] for b in run["benchmarks"]}
     assert fullnames == {"perf/test_perf_fake.py::test_perf_fake[attn_kernels-B1]",
                          "perf/test_perf_fake.py::test_perf_fake[flash_attn-B1]"}
+    # the timer is perf.clock's device clock (set by the conftest through --benchmark-timer): the stored
+    # rounds are exactly the times the rounds advanced it by, the warm-up round left out
+    for b in run["benchmarks"]:
+        assert b["options"]["timer"] == "cuda_event_device_clock"
+        assert b["stats"]["data"] == pytest.approx([1e-6, 2e-6, 5e-6, 4e-6], rel=1e-9, abs=0)
+        assert b["stats"]["median"] == pytest.approx(3e-6)
     assert run["skipped"] == {
         "perf/test_perf_fake.py::test_perf_fake[fla_decoding-B1]":
             "fla (fla-core) not available: `import fla.ops.attn.decoding` failed: ModuleNotFoundError: "
@@ -489,21 +506,40 @@ class _Opt:
 
 
 class _Config:
-    def __init__(self, **options):
+    def __init__(self, args=(), **options):
         self.option = _Opt(**options)
+        self.invocation_params = _Opt(args=tuple(args))
 
     def getoption(self, name):
         return getattr(self.option, name)
 
 
-def _configure(conftest, monkeypatch, baselines, **options):
+def _configure(conftest, monkeypatch, baselines, args=(), **options):
     monkeypatch.setattr(conftest, "_cuda", lambda: True)
-    monkeypatch.setattr(conftest.timing, "gpu_slug", lambda: "fake-gpu")
-    monkeypatch.setattr(conftest.timing, "slowed_ops", lambda: [])
+    monkeypatch.setattr(conftest.machine, "gpu_slug", lambda: "fake-gpu")
+    monkeypatch.setattr(conftest.slowdown, "slowed_ops", lambda: [])
     monkeypatch.setattr(conftest, "BASELINES", baselines)
-    config = _Config(benchmark_storage="file://./.benchmarks", **options)
+    options.setdefault("benchmark_timer", "time.perf_counter")  # what pytest-benchmark's default parses to
+    config = _Config(args, benchmark_storage="file://./.benchmarks", **options)
     conftest.pytest_configure(config)
     return config
+
+
+def test_the_suite_sets_the_timer_and_refuses_another(tmp_path, monkeypatch):
+    """pytest-benchmark's public --benchmark-timer is pointed at perf.clock's device clock; a timer given on
+    the command line (even pytest-benchmark's default, named explicitly) is a usage error."""
+    conftest = _perf_conftest()
+    config = _configure(conftest, monkeypatch, tmp_path, benchmark_compare=False, benchmark_compare_fail=None)
+    assert config.option.benchmark_timer == clock.TIMER == "perf.clock.cuda_event_device_clock"
+    config = _configure(conftest, monkeypatch, tmp_path, args=["perf", f"--benchmark-timer={clock.TIMER}"],
+                        benchmark_timer=clock.TIMER, benchmark_compare=False, benchmark_compare_fail=None)
+    assert config.option.benchmark_timer == clock.TIMER
+    for args, given in ((["--benchmark-timer=time.perf_counter"], "time.perf_counter"),
+                        (["--benchmark-timer", "time.process_time"], "time.process_time"),
+                        ((), "time.process_time")):  # e.g. from PYTEST_ADDOPTS
+        with pytest.raises(pytest.UsageError, match=r"--benchmark-timer=time\.\w+: the perf suite times"):
+            conftest.pytest_configure(_Config(args, benchmark_storage="file://./.benchmarks",
+                                              benchmark_timer=given, benchmark_compare=False))
 
 
 def test_compare_finds_this_gpus_newest_baseline_in_its_folder(tmp_path, monkeypatch):

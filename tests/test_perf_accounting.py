@@ -1,20 +1,25 @@
-"""The perf suite's byte/FLOP accounting and floors (perf/timing.py), checked on the CPU against the floors
-the issues publish, so a wrong count cannot silently skew every % of floor."""
-import os
+"""The perf suite's byte/FLOP accounting and floors (perf/cost.py), checked on the CPU against the floors
+the issues publish, so a wrong count cannot silently skew every % of floor; its implementation registry
+(perf/impls.py and the IMPLS of each perf/test_perf_<op>.py) against the newest stored baseline; and the
+clock pytest-benchmark reads (perf/clock.py)."""
+import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "perf"))
-import timing  # noqa: E402
+from perf import clock, cost, gate, impls
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("B,H,N,floor_ms", [(16, 16, 4096, 0.112), (16, 16, 16384, 0.447)])
 def test_prefill_floor_matches_issue(B, H, N, floor_ms):
-    nbytes, flops = timing.prefill_cost(B, H, N)
+    nbytes, flops = cost.prefill_cost(B, H, N)
     assert nbytes == B * H * N * 320  # q, k, v read and o written, bf16
     assert flops == B * H * N * (2 * 273 + 4 * 273 * 64)
-    assert timing.floor_us(nbytes, flops) / 1e3 == pytest.approx(floor_ms, rel=5e-3)
+    assert cost.floor_us(nbytes, flops) / 1e3 == pytest.approx(floor_ms, rel=5e-3)
 
 
 # The issues' decode floors count the state (issue 4) or the window's K and V (issue 5) alone; the suite also
@@ -22,28 +27,142 @@ def test_prefill_floor_matches_issue(B, H, N, floor_ms):
 @pytest.mark.parametrize("B,H,floor_us", [(16, 16, 6.7), (64, 16, 26.7), (1024, 16, 428)])
 def test_decode_floor_matches_issue(B, H, floor_us):
     """Issue 4's 'floor fp32·153' column: the state's bytes read + written at 3.0 TB/s."""
-    nbytes, flops = timing.decode_cost(B, H, state_itemsize=4)
+    nbytes, flops = cost.decode_cost(B, H, state_itemsize=4)
     state = 2 * B * H * (153 * 64 + 153) * 4
     assert nbytes == state + B * H * (16 + 16 + 64 + 64) * 2
-    assert floor_us * 0.99 <= timing.floor_us(nbytes, flops) <= floor_us * 1.06
+    assert floor_us * 0.99 <= cost.floor_us(nbytes, flops) <= floor_us * 1.06
 
 
 @pytest.mark.parametrize("B,H,floor_us", [(16, 16, 1.4), (64, 16, 5.6), (256, 16, 22.4), (256, 32, 44.7)])
 def test_sliding_window_floor_matches_issue(B, H, floor_us):
-    nbytes, flops = timing.sliding_window_cost(B, H, 64, 64)
+    nbytes, flops = cost.sliding_window_cost(B, H, 64, 64)
     assert nbytes == B * H * 64 * 64 * 2 * 2 + B * H * 64 * 6 * 2
-    assert floor_us * 0.99 <= timing.floor_us(nbytes, flops) <= floor_us * 1.06
+    assert floor_us * 0.99 <= cost.floor_us(nbytes, flops) <= floor_us * 1.06
 
 
 def test_extra_info_has_exactly_the_issue_keys():
-    info = timing.extra_info("based_decode", "attn_kernels-state_fp32", {"B": 2, "H": 3, "e": 64}, 1000, 10)
+    info = cost.extra_info("based_decode", "attn_kernels-state_fp32", {"B": 2, "H": 3, "e": 64}, 1000, 10)
     assert set(info) == {"op", "impl", "shape", "bytes", "flops", "floor_us", "pct_of_floor"}
     assert info["floor_us"] == pytest.approx(1000 / 3.0e12 * 1e6)
+    assert cost.pct_of_floor(info, 2 * info["floor_us"] * 1e-6) == pytest.approx(50.0)
 
 
+# --------------------------------------------------------------------------------------------------
+# the registry: every op module's IMPLS, and the ids / params / extra_info they produce
+# --------------------------------------------------------------------------------------------------
+OP_MODULES = ["test_perf_based_prefill", "test_perf_based_decode", "test_perf_sliding_window_decode",
+              "test_perf_based_generation"]
+
+
+def _op_module(name):
+    import importlib
+
+    return importlib.import_module(f"perf.{name}")
+
+
+def _cases(name):
+    """(fullname, params, impl record, shape) of every case of one op module, as pytest-benchmark names it."""
+    module = _op_module(name)
+    test = getattr(module, name)
+    (mark,) = [m for m in test.pytestmark if m.name == "parametrize"]
+    argnames = [a.strip() for a in mark.args[0].split(",")]
+    impls_by_params = {impl.params: impl for impl in module.IMPLS}
+    for case in mark.args[1]:
+        params = dict(zip(argnames, case.values))
+        n = len(next(iter(impls_by_params)))
+        impl = impls_by_params[tuple(case.values[:n])]
+        yield f"perf/{name}.py::{name}[{case.id}]", params, impl, module.Shape(*case.values[n:]), module.OP
+
+
+def _newest_baselines():
+    folders = [f for f in sorted((ROOT / "perf" / "baselines").iterdir()) if f.is_dir()]
+    return [sorted(f.glob("[0-9][0-9][0-9][0-9]_*.json"))[-1] for f in folders]
+
+
+@pytest.mark.parametrize("name", OP_MODULES)
+def test_every_impl_record_is_complete(name):
+    module = _op_module(name)
+    assert module.IMPLS and all(isinstance(i, impls.Impl) for i in module.IMPLS)
+    assert len({i.name for i in module.IMPLS}) == len({i.params for i in module.IMPLS}) == len(module.IMPLS)
+    for impl in module.IMPLS:
+        assert impl.name.startswith(impl.peer) and impl.peer in impl.params
+        assert impl.source in (impls.OURS, impls.TORCH, impls.OPTIONAL), impl.name
+        assert impl.timing in (impls.EAGER, impls.GRAPH), impl.name
+        assert impl.timing == impls.GRAPH or impl.context is None, f"{impl.name}: context of an eager op"
+        assert all(callable(f) for f in (impl.step, impl.inputs, impl.cost, impl.footprint)), impl.name
+        assert 1 <= impl.min_sets <= impl.max_sets, impl.name
+        if impl.source == impls.OURS:
+            assert impl.module is None, f"{impl.name}: ours is loaded by impls.import_attn_kernels"
+        else:
+            assert bool(impl.module) == bool(impl.missing), f"{impl.name}: a module needs its skip reason"
+        assert impl.source != impls.OPTIONAL or impl.module, f"{impl.name}: which package it needs"
+    for fullname, _, impl, shape, _ in _cases(name):
+        # the gate's view of the id agrees with the record: ours never excused, optional peers by package
+        assert gate.is_ours(fullname) == (impl.source == impls.OURS), fullname
+        package = gate.optional_package(fullname)
+        assert (package is not None) == (impl.source == impls.OPTIONAL), fullname
+        assert package is None or impl.module.split(".")[0] == package, fullname
+        nbytes, flops = impl.cost(shape)
+        assert isinstance(nbytes, int) and isinstance(flops, int) and nbytes > 0 and flops > 0, fullname
+        footprint = impl.footprint(shape)
+        assert isinstance(footprint, int) and footprint > 0, fullname
+
+
+def test_collected_ids_cover_the_newest_baseline():
+    """Stored baselines match benchmarks by full test name: every id of each GPU's newest baseline is still
+    collected, with the same params and the same extra_info (all but the timed fields), and the suite's
+    only ids beyond them are the flash_attn peer's (not installed where that baseline was recorded)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "perf", "--collect-only", "-q", "-p",
+                           "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    cases = {fullname: (params, impl, shape, op) for name in OP_MODULES
+             for fullname, params, impl, shape, op in _cases(name)}
+    assert sorted(collected) == sorted(cases) and len(collected) == len(set(collected)) == 124
+    for path in _newest_baselines():
+        baseline = json.loads(path.read_text())
+        stored = {b["fullname"]: b for b in baseline["benchmarks"]}
+        assert not sorted(set(stored) - set(collected)), f"{path.name}: ids the suite no longer has"
+        extra = sorted(set(collected) - set(stored))
+        assert all(gate.impl_of(n) == "flash_attn" for n in extra), extra
+        for fullname, b in stored.items():
+            params, impl, shape, op = cases[fullname]
+            assert b["params"] == params, fullname
+            info = impls.extra_info(op, impl, shape)
+            assert {k: b["extra_info"][k] for k in info if k != "pct_of_floor"} == \
+                {k: v for k, v in info.items() if k != "pct_of_floor"}, fullname
+            assert set(b["extra_info"]) - set(info) <= {"tokens_per_s"}, fullname
+            assert b["options"]["timer"] == clock.TIMER.rsplit(".", 1)[1], fullname
+
+
+# --------------------------------------------------------------------------------------------------
+# the clock pytest-benchmark reads
+# --------------------------------------------------------------------------------------------------
 def test_device_clock_advances_only_by_measured_time():
-    clock = timing.DeviceClock()
-    t0 = clock()
-    clock.advance(2e-6)
-    clock.advance(3e-6)
-    assert clock() - t0 == pytest.approx(5e-6) and clock.reads == 2 and clock.recorded == [2e-6, 3e-6]
+    with clock.running() as c:
+        t0 = clock.cuda_event_device_clock()
+        assert clock.cuda_event_device_clock() == t0  # no time passes between readings by itself
+        c.advance(2e-6)
+        c.advance(3e-6)
+        assert clock.cuda_event_device_clock() - t0 == pytest.approx(5e-6)
+    assert c.reads == 3 and c.recorded == [2e-6, 3e-6]
+    with clock.running() as fresh:  # each measurement starts from its own clock
+        assert clock.cuda_event_device_clock() == 0.0 and fresh is not c
+
+
+def test_device_clock_refuses_readings_outside_a_measurement():
+    """benchmark(fn) calibrates the timer by waiting for it to tick: it must fail, never hang or time host."""
+    with pytest.raises(RuntimeError, match="outside a perf measurement"):
+        clock.cuda_event_device_clock()
+    with clock.running(), pytest.raises(RuntimeError, match="one measurement at a time"):
+        with clock.running():
+            pass
+    with pytest.raises(RuntimeError, match="outside"):  # the clock is uninstalled after an error too
+        clock.cuda_event_device_clock()
+
+
+def test_timer_name_is_importable_as_pytest_benchmark_loads_it():
+    from pytest_benchmark.utils import load_timer
+
+    timer = load_timer(clock.TIMER)
+    assert timer.target is clock.cuda_event_device_clock and str(timer) == clock.TIMER

@@ -1,15 +1,13 @@
 """perf/report.py on a small stored run (tests/fixtures/perf_small.json: benchmarks trimmed from the H200
 baseline, plus hand-made based_generation results). CPU only."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `perf` is a package at the repository root
+from perf import report
 
-from perf import report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURE = ROOT / "tests" / "fixtures" / "perf_small.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
