@@ -57,8 +57,11 @@ def catalog(path: Path = CATALOG) -> list[Mutant]:
 
 
 def _env(**extra: str) -> dict[str, str]:
+    """The environment of builds and test runs: the repository on PYTHONPATH for `perf` (after the current
+    folder, which holds the mutant's attn_kernels when the tests run from it)."""
     env = dict(os.environ)
     env.pop("ATTN_KERNELS_MUTANT", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 
