@@ -1,5 +1,5 @@
-// The one torch-facing file: CUDA implementations of the attn_kernels ops (schemas are defined in Python,
-// attn_kernels/_ops.py). Arguments were validated in Python; the checks here only guard direct
+// The one torch-facing file: CUDA implementations of the attn_kernels ops (schemas, CPU and fake
+// implementations are defined in Python, attn_kernels/<op>.py through attn_kernels/_library.py). Arguments were validated in Python; the checks here only guard direct
 // torch.ops calls against memory errors.
 #include <Python.h>
 

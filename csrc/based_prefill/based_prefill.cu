@@ -27,7 +27,7 @@
 //
 // CuTe (nvidia-cutlass) gives the GMMA shared-memory layouts, descriptors and wgmma atoms. TiledMMA is
 // not used: its header pulls in every architecture's atoms and triples the compile time, and the
-// fragment layouts needed here are the simple ones written out below.
+// fragment layouts needed here are the simple ones written out in fragments.cuh.
 //
 // The pieces, in the order they build on each other:
 //   config.cuh       Cfg, the wgmma operand tiles and the shared-memory layout
