@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         mutants = [m for m in mutants if m.name in args.names]
     t0 = time.time()
     clean = f"{args.skip_clean} (run before this script, --skip-clean)"
-    if args.skip_clean is None:  # the repository's own in-place build, which `nox -s mutants` made first
+    if args.skip_clean is None and not args.build_only:  # the in-place build, which `nox -s mutants` made first
         rc, out = run_tests(None, ROOT)
         tail = out.strip().splitlines()[-1] if out.strip() else ""
         clean = f"all tests pass ({tail})" if rc == 0 else f"FAILS ({tail})"
