@@ -78,3 +78,20 @@ def test_the_mutated_ops_tests_run_first():
     files = run.test_files(m)
     assert files[0].endswith("test_sliding_window_decode.py") and len(files) == len(set(files))
     assert all(Path(f).is_file() for f in files)
+
+
+def test_killing_test_ids_are_relative_to_the_repository():
+    lib = run.BUILD / "prefill_tail_dropped" / "lib"
+    printed = "../../../../tests/test_based_prefill.py::test_matrix[B1-H1-N1-fp16-bhnd-norm-s0]"
+    assert run.repo_test_id(printed, lib) == "tests/test_based_prefill.py::test_matrix[B1-H1-N1-fp16-bhnd-norm-s0]"
+
+
+def test_the_committed_device_report_kills_every_mutant_of_the_catalog():
+    """tests/mutants/REPORT.md comes from a GPU run (`nox -s mutants`): it must cover the catalog as it is
+    now, every mutant KILLED. A new mutant without a new run fails here."""
+    report = (ROOT / "tests" / "mutants" / "REPORT.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| (KILLED|SURVIVED) \|", report, re.M))
+    names = [m.name for m in run.catalog()]
+    assert sorted(rows) == sorted(names), "REPORT.md is not from the current catalog: rerun nox -s mutants"
+    assert all(v == "KILLED" for v in rows.values()), {k: v for k, v in rows.items() if v != "KILLED"}
+    assert f"**{len(names)} of {len(names)} killed**" in report

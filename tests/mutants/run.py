@@ -89,6 +89,12 @@ def first_failure(output: str) -> str | None:
     return None
 
 
+def repo_test_id(test: str, cwd: Path) -> str:
+    """A test id as pytest printed it from `cwd` (e.g. ../../../../tests/x.py::t[a]) -> tests/x.py::t[a]."""
+    path, sep, rest = test.partition("::")
+    return os.path.relpath(os.path.normpath(cwd / path), ROOT) + sep + rest
+
+
 def test_files(m: Mutant) -> list[str]:
     first = OP_TESTS.get(m.name.split("_", 1)[0])
     rest = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if p.name != first)
@@ -130,6 +136,7 @@ def judge(m: Mutant, lib: Path, build_error: str | None) -> Verdict:
         return Verdict(m, None, "-", time.time() - t0, out)
     if rc != 0:
         test = first_failure(out)
+        test = test and repo_test_id(test, lib)
         how = test or (f"the test process died (exit {rc})" if rc != 124 else "timed out")
         return Verdict(m, how, "tests", time.time() - t0, "" if test else out[-1500:])
     by, detail = run_sanitize(lib)
