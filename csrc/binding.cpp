@@ -1,6 +1,7 @@
-// The one torch-facing file: CUDA implementations of the attn_kernels ops (schemas, CPU and fake
-// implementations are defined in Python, attn_kernels/<op>.py through attn_kernels/_library.py). Arguments were validated in Python; the checks here only guard direct
-// torch.ops calls against memory errors.
+// The one torch-facing file: CUDA implementations of the attn_kernels ops (each op's schema, CPU and fake
+// implementations are declared once in Python: attn_kernels/<op>.py, through _library.define_op).
+// Arguments were validated in Python; the checks here only guard direct torch.ops calls against memory
+// errors.
 #include <Python.h>
 
 #include <ATen/ATen.h>

@@ -2,10 +2,10 @@
 // one (b, h, segment) chunk by chunk (the phases are the overview's of based_prefill.cu);
 // based_prefill_scan_kernel turns the segments' partial states into prefix sums (split sequences only).
 //
-// The phases stay inline in one body on purpose: moved into __forceinline__ functions (tried: one
-// function per phase, and the epilogue alone) the kernel compiles differently (other address arithmetic
-// and schedule, one register more at 254-255 of 255), because the callee's parameters enter the kernel
-// as early stack slots that reorder its values. Keep the body as it is unless the SASS stays the same.
+// The chunk loop reads top to bottom: each phase after the first is a named lambda of the kernel body
+// (den_inter_of_chunk, update_moments, products, epilogue; write_state after the loop). Phase 1 (phi, W)
+// is written in the loop itself: as a lambda it costs one register (bf16 254 -> 255 of 255), and as
+// __forceinline__ functions with parameters every phase did (pass 1 217 -> 218); -Xptxas -v.
 #pragma once
 #include <cstddef>
 
@@ -60,10 +60,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   float s[4 * Cfg::kNT];
   float gm[2][4], ksa[4], cnt;
   {
-    const float* S0 = (!kStateOnly && p.S0 && !(AK_MUTANT(prefill_init_ignored_num) && !p.normalize)) ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim
-                                             : nullptr;
+    const bool s0_used = !kStateOnly && p.S0 && !(AK_MUTANT(prefill_init_ignored_num) && !p.normalize);
+    const float* S0 = s0_used ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim : nullptr;
     const float* z0 = (!kStateOnly && p.z0) ? p.z0 + int64_t(bh) * kCompactFeatures : nullptr;
-    const float* prev = (!kStateOnly && seg > 0 && !AK_MUTANT(prefill_split_carry))  // earlier segments' prefix
+    const float* prev = (!kStateOnly && seg > 0 && !AK_MUTANT(prefill_split_carry))  // earlier segments'
                             ? ws + (int64_t(bh) * (nseg - 1) + seg - 1) * Cfg::kWsFloats
                             : nullptr;
     // The workspace holds S^T in fragment order: float4 (warp * kNT + n) * 32 + lane is s[4n..4n+3],
@@ -157,99 +157,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       if ((c >> 4) > (r >> 4)) sts128(s_w + 2 * row128_off(r, c), make_uint4(0u, 0u, 0u, 0u));
     }
   }
-  issue_loads(0);
-  for (int c = 0; c < nchunks; ++c) {
-    const int st = c & 1;
-    const int64_t t0 = t_begin + int64_t(c) * Cfg::kChunk;
-    if (c + 1 < nchunks) {  // stage (c+1)&1 was last read (wgmma, waited) before the previous end barrier
-      issue_loads(c + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-
-    // Phase 1: feature maps and W of the chunk.
-    uint32_t qd[4];  // this warp's 16 query rows (den_inter)
-    if constexpr (kStateOnly) {
-      const int r = tid & 63;
-      const PhiRowDst d(s_phik, r);
-      const float one = t0 + r < t_end ? 1.f : 0.f;
-      if (tid < 64)
-        build_phi_row<T, 0, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
-      else
-        build_phi_row<T, 10, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
-    } else {
-      // phi(Q) meets the bf16 state: bf16, or bf16 hi + lo for fp16 inputs. That split build is the
-      // heavier one, so fp16 gives it to warps 2-3 (one W block fewer each below).
-      if ((warp < 2) != kSplit) {
-        const int r = kSplit ? tid - 64 : tid;
-        if constexpr (kSplit) {
-          float x[16];
-          load_scaled_row(sm.q[st][r], sqrt_c, x);
-          store_groups_split(PhiRowDst(s_phiq, r), x, std::make_integer_sequence<int, Cfg::kF / 8>{});
-        } else {
-          build_phi_row<T, 0, 20>(sm.q[st][r], PhiRowDst(s_phiq, r), sqrt_c, 1.f, packed_ok);
-        }
-      } else {
-        const int r = kSplit ? tid : tid - 64;
-        build_phi_row<T, 0, 20>(sm.k[st][r], PhiRowDst(s_phik, r), sqrt_c, t0 + r < t_end ? 1.f : 0.f,
-                                packed_ok);
-      }
-      // W block i = (m, kt), kt <= m, numbered row by row; warp w takes i = w, w+4, w+8 (< 10). The
-      // fragments of all three are loaded first: one shared-memory round trip instead of three.
-      auto block_mk = [](int i, int& m, int& kt) {
-        m = i >= 6 ? 3 : i >= 3 ? 2 : i >= 1 ? 1 : 0;
-        kt = i - m * (m + 1) / 2;
-      };
-      uint32_t qa3[3][4], kb3[3][4];  // kb: keys 16kt..+7 {kb0, kb1}, keys 16kt+8..+15 {kb2, kb3}
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        int m, kt;
-        block_mk(min(warp + 4 * j, 9), m, kt);
-        ldsm4(qa3[j], saddr(&sm.q[st][16 * m + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
-        ldsm4(kb3[j], saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
-      }
-      if (den_on) ldsm4(qd, saddr(&sm.q[st][16 * warp + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        const int i = warp + 4 * j;
-        if (i >= 10) break;
-        int m, kt;
-        block_mk(i, m, kt);
-        const uint32_t(&qa)[4] = qa3[j];
-        const uint32_t(&kb)[4] = kb3[j];
-        float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
-        mma<T>(ca, qa, kb[0], kb[1]);
-        mma<T>(cb, qa, kb[2], kb[3]);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          ca[e] = fmaf(ca[e], fmaf(ca[e], c2, c1), 1.f);
-          cb[e] = fmaf(cb[e], fmaf(cb[e], c2, c1), 1.f);
-          if (m == kt) {  // diagonal block: key 2t+(e&1) (+8 for cb) vs query g + 8(e>>1)
-            const int qrow = g + 8 * (e >> 1), key = 2 * t + (e & 1);
-            if (AK_MUTANT(prefill_causal_diag) ? key >= qrow : key > qrow) ca[e] = 0.f;
-            if (key + 8 > qrow) cb[e] = 0.f;
-          }
-        }
-        const int r0 = 16 * m + g, k0 = 16 * kt + 2 * t;
-        sts32(s_w + 2 * row128_off(r0, k0), pack2<T>(ca[0], ca[1]));
-        sts32(s_w + 2 * row128_off(r0 + 8, k0), pack2<T>(ca[2], ca[3]));
-        sts32(s_w + 2 * row128_off(r0, k0 + 8), pack2<T>(cb[0], cb[1]));
-        sts32(s_w + 2 * row128_off(r0 + 8, k0 + 8), pack2<T>(cb[2], cb[3]));
-        if (den_on) {
-          float d0 = (ca[0] + ca[1]) + (cb[0] + cb[1]), d1 = (ca[2] + ca[3]) + (cb[2] + cb[3]);
-          d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
-          d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
-          d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
-          d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
-          if (t == 0) {
-            sm.den[r0][4 + kt] = d0;
-            sm.den[r0 + 8][4 + kt] = d1;
-          }
-        }
-      }
-    }
+  // The phases of one chunk (stage st, first token t0) that the loop below runs after phase 1.
+  auto den_inter_of_chunk = [&](int st, int64_t t0, const uint32_t(&qd)[4]) {
     // den_inter of this warp's 16 queries with z before the chunk: Y = Q G (fp16: Q and G as bf16
     // hi + lo), then cnt + sum_i q_i (c ks_i + (c^2 / 2) Y_i) over this lane's 4 columns and its quad.
     if (den_on) {
@@ -293,8 +202,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         sm.den[16 * warp + g + 8][0] = cnt_c + d1;
       }
     }
-    if (warp == kZWarp && !(AK_MUTANT(prefill_z_last_chunk) && c + 1 == nchunks)) {  // G += K^T K, ks += K^T 1
-      // over the chunk (padding rows are zero)
+  };
+  auto update_moments = [&](int c, int st) {
+    // G += K^T K, ks += K^T 1 over the chunk (padding rows are zero)
+    if (warp == kZWarp && !(AK_MUTANT(prefill_z_last_chunk) && c + 1 == nchunks)) {
       const uint32_t one2 = pack2<T>(1.f, 1.f);
 #pragma unroll
       for (int kt = 0; kt < 4; ++kt) {
@@ -306,9 +217,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       }
       if (!kStateOnly) publish_g(st ^ 1);
     }
-    fence_proxy_async_smem();  // this thread's phi / W stores and V copies, for wgmma
-    if constexpr (!AK_MUTANT(prefill_missing_barrier)) __syncthreads();
-
+  };
+  auto products = [&](int st) {
     // Phase 2: wgmma products, issued asynchronously; 1/den meanwhile.
     Tensor sV = Tiles::tensor<Tiles::V>(sm.v[st]);
 
@@ -388,8 +298,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       fence_regs(o);
       fence_regs(xa);
     }
-    __syncthreads();  // 1/den ready; every read of this stage, of phi and of W is done
-
+  };
+  auto epilogue = [&](int64_t t0) {
     if constexpr (!kStateOnly) {
       // Epilogue: this thread holds o^T for values 16w+g(+8) and tokens 8n+2t(+1), n = 0..7.
       // stmatrix.trans writes the 8x8 blocks as token rows of 8 values into the staging tile.
@@ -417,8 +327,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         if (tok < t_end) *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * (lane & 1)) = piece[i];
       }
     }
-  }
-
+  };
+  auto write_state = [&]() {
   float* dst_S = nullptr;
   float* dst_z = nullptr;
   if constexpr (kStateOnly) {  // this segment's own contribution: S^T in fragment order, z
@@ -450,6 +360,109 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     // The workspace copy keeps the zero padding too: the scan sums whole float4s.
     if (kStateOnly && lane < Cfg::kF - kCompactFeatures) dst_z[kCompactFeatures + lane] = 0.f;
   }
+  };
+
+  issue_loads(0);
+  for (int c = 0; c < nchunks; ++c) {
+    const int st = c & 1;
+    const int64_t t0 = t_begin + int64_t(c) * Cfg::kChunk;
+    if (c + 1 < nchunks) {  // stage (c+1)&1 was last read (wgmma, waited) before the previous end barrier
+      issue_loads(c + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    uint32_t qd[4];  // this warp's 16 query rows (den_inter)
+    // Phase 1: feature maps and W of the chunk.
+    if constexpr (kStateOnly) {
+      const int r = tid & 63;
+      const PhiRowDst d(s_phik, r);
+      const float one = t0 + r < t_end ? 1.f : 0.f;
+      if (tid < 64)
+        build_phi_row<T, 0, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
+      else
+        build_phi_row<T, 10, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
+    } else {
+      // phi(Q) meets the bf16 state: bf16, or bf16 hi + lo for fp16 inputs. That split build is the
+      // heavier one, so fp16 gives it to warps 2-3 (one W block fewer each below).
+      if ((warp < 2) != kSplit) {
+        const int r = kSplit ? tid - 64 : tid;
+        if constexpr (kSplit) {
+          float x[16];
+          load_scaled_row(sm.q[st][r], sqrt_c, x);
+          store_groups_split(PhiRowDst(s_phiq, r), x, std::make_integer_sequence<int, Cfg::kF / 8>{});
+        } else {
+          build_phi_row<T, 0, 20>(sm.q[st][r], PhiRowDst(s_phiq, r), sqrt_c, 1.f, packed_ok);
+        }
+      } else {
+        const int r = kSplit ? tid : tid - 64;
+        build_phi_row<T, 0, 20>(sm.k[st][r], PhiRowDst(s_phik, r), sqrt_c, t0 + r < t_end ? 1.f : 0.f,
+                                packed_ok);
+      }
+      // W block i = (m, kt), kt <= m, numbered row by row; warp w takes i = w, w+4, w+8 (< 10). The
+      // fragments of all three are loaded first: one shared-memory round trip instead of three.
+      auto block_mk = [](int i, int& m, int& kt) {
+        m = i >= 6 ? 3 : i >= 3 ? 2 : i >= 1 ? 1 : 0;
+        kt = i - m * (m + 1) / 2;
+      };
+      uint32_t qa3[3][4], kb3[3][4];  // kb: keys 16kt..+7 {kb0, kb1}, keys 16kt+8..+15 {kb2, kb3}
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        int m, kt;
+        block_mk(min(warp + 4 * j, 9), m, kt);
+        ldsm4(qa3[j], saddr(&sm.q[st][16 * m + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
+        ldsm4(kb3[j], saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
+      }
+      if (den_on) ldsm4(qd, saddr(&sm.q[st][16 * warp + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        const int i = warp + 4 * j;
+        if (i >= 10) break;
+        int m, kt;
+        block_mk(i, m, kt);
+        const uint32_t(&qa)[4] = qa3[j];
+        const uint32_t(&kb)[4] = kb3[j];
+        float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
+        mma<T>(ca, qa, kb[0], kb[1]);
+        mma<T>(cb, qa, kb[2], kb[3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          ca[e] = fmaf(ca[e], fmaf(ca[e], c2, c1), 1.f);
+          cb[e] = fmaf(cb[e], fmaf(cb[e], c2, c1), 1.f);
+          if (m == kt) {  // diagonal block: key 2t+(e&1) (+8 for cb) vs query g + 8(e>>1)
+            const int qrow = g + 8 * (e >> 1), key = 2 * t + (e & 1);
+            if (AK_MUTANT(prefill_causal_diag) ? key >= qrow : key > qrow) ca[e] = 0.f;
+            if (key + 8 > qrow) cb[e] = 0.f;
+          }
+        }
+        const int r0 = 16 * m + g, k0 = 16 * kt + 2 * t;
+        sts32(s_w + 2 * row128_off(r0, k0), pack2<T>(ca[0], ca[1]));
+        sts32(s_w + 2 * row128_off(r0 + 8, k0), pack2<T>(ca[2], ca[3]));
+        sts32(s_w + 2 * row128_off(r0, k0 + 8), pack2<T>(cb[0], cb[1]));
+        sts32(s_w + 2 * row128_off(r0 + 8, k0 + 8), pack2<T>(cb[2], cb[3]));
+        if (den_on) {
+          float d0 = (ca[0] + ca[1]) + (cb[0] + cb[1]), d1 = (ca[2] + ca[3]) + (cb[2] + cb[3]);
+          d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+          d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+          d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+          d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+          if (t == 0) {
+            sm.den[r0][4 + kt] = d0;
+            sm.den[r0 + 8][4 + kt] = d1;
+          }
+        }
+      }
+    }
+    den_inter_of_chunk(st, t0, qd);
+    update_moments(c, st);
+    fence_proxy_async_smem();  // this thread's phi / W stores and V copies, for wgmma
+    if constexpr (!AK_MUTANT(prefill_missing_barrier)) __syncthreads();
+    products(st);
+    __syncthreads();  // 1/den ready; every read of this stage, of phi and of W is done
+    epilogue(t0);
+  }
+  write_state();
 }
 
 // In-place inclusive prefix sum over the nparts partial states of each (b, h).

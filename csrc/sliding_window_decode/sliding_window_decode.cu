@@ -145,7 +145,8 @@ struct Item {
     // A negative position (bad input) writes nothing to the cache and NaN to the output.
     const bool ok = pos >= 0 || AK_MUTANT(swd_negative_position);
     const int newest = !ok ? -1  // slot of the new token
-                       : AK_MUTANT(swd_position_wrap) ? pos & (window - 1) : int(unsigned(pos) % unsigned(window));
+                       : AK_MUTANT(swd_position_wrap) ? pos & (window - 1)
+                                                      : int(unsigned(pos) % unsigned(window));
     // slots [0, filled) are in the window
     const int filled = (pos >= window - 1 || AK_MUTANT(swd_unwritten_slots)) ? window : pos + 1;
 
@@ -162,8 +163,10 @@ struct Item {
     for (int off = 1; off < kChunks; off *= 2) s_new += __shfl_xor_sync(0xffffffffu, s_new, off);
 
     if (ok && threadIdx.x < kChunks) {
-      st_global16(static_cast<T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + newest * p.kc_sw + chunk * 8, L.kn);
-      st_global16(static_cast<T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + newest * p.vc_sw + chunk * 8, L.vn);
+      st_global16(static_cast<T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + newest * p.kc_sw + chunk * 8,
+                  L.kn);
+      st_global16(static_cast<T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + newest * p.vc_sw + chunk * 8,
+                  L.vn);
     }
 
     // Online softmax per warp. Every warp starts from the new token's score as its running max
