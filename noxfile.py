@@ -95,7 +95,8 @@ def perf_save(session: nox.Session) -> None:
 @nox.session(venv_params=VENV_PARAMS)
 def plots(session: nox.Session) -> None:
     """perf/plots/<gpu>/*.png and perf/REPORT.md from the newest baseline of each GPU folder, or from the
-    runs given: `nox -s plots -- RUN.json ... [--out DIR]`. Needs no GPU and no build."""
+    runs given: `nox -s plots -- RUN.json ... [--out DIR]`; README.md's state-precision table from
+    perf/results/decode_drift.json. Needs no GPU and no build."""
     _ensure(session, {"matplotlib": "matplotlib"})
     session.run("python", "-m", "perf.report", *session.posargs)
 

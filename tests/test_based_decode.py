@@ -56,8 +56,12 @@ def test_cpu_op(state_dtype):
 def test_ten_thousand_steps_drift(state_dtype, record_property):
     """10,000 decode steps from a prefilled state against a float64 recurrence started from that same state
     (so only the decode steps' rounding is measured). The float32 state must stay within 5e-5 relative;
-    the bf16 state's drift is reported at 100, 1,000 and 10,000 steps (README: its accuracy cost)."""
-    B, H, N0, T = 2, 4, 512, 10_000
+    the bf16 state's drift is reported at 100, 1,000 and 10,000 steps (README: its accuracy cost). With
+    ATTN_KERNELS_DRIFT_JSON naming a file, both state dtypes' numbers are merged into it (perf/drift.py; commit
+    it as perf/results/decode_drift.json, from which `python -m perf.report` writes the README table)."""
+    from perf import drift as drift_file  # the data file's writer, schema and steps (shared with the README)
+
+    B, H, N0, T = 2, 4, drift_file.PREFILL_TOKENS, drift_file.STEPS[-1]  # 512, 10,000
     q, k = (torch.randn(B, H, N0 + T, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(B, H, N0 + T, 64, device="cuda", dtype=torch.bfloat16)
     _, (S, z) = ak.based_prefill(q[:, :, :N0], k[:, :, :N0], v[:, :, :N0], return_state=True)
@@ -69,7 +73,7 @@ def test_ten_thousand_steps_drift(state_dtype, record_property):
         o64, (S64, z64) = ref.based_decode_step(q[:, :, t].double(), k[:, :, t].double(), v[:, :, t].double(),
                                                 (S64, z64))
         steps = t - N0 + 1
-        if steps in (100, 1_000, 10_000):
+        if steps in drift_file.STEPS:
             assert torch.isfinite(o).all() and torch.isfinite(S).all()
             drift[steps] = (max_err(o, o64) / o64.abs().max().item(), max_err(S, S64) / S64.abs().max().item())
     for steps, (o_rel, s_rel) in drift.items():
@@ -77,6 +81,8 @@ def test_ten_thousand_steps_drift(state_dtype, record_property):
         record_property(f"drift_{steps}_state_rel", s_rel)
     print(f"\ndecode drift, {DTYPE_IDS[state_dtype]} state (relative to max|ref|), steps: output / state: "
           + "; ".join(f"{n}: {o:.2e} / {s:.2e}" for n, (o, s) in drift.items()))
+    drift_file.record(DTYPE_IDS[state_dtype], drift, gpu_name=torch.cuda.get_device_name(),
+                      torch_version=torch.__version__)  # writes only where ATTN_KERNELS_DRIFT_JSON is set
     if state_dtype == torch.float32:
         o_rel, s_rel = drift[10_000]
         assert s_rel < 5e-5, f"fp32 state drifted {s_rel:.2e} over 10,000 steps"

@@ -1,11 +1,12 @@
-"""perf/report.py on a small stored run (tests/fixtures/perf_small.json: benchmarks trimmed from the H200
-baseline, plus hand-made based_generation results). CPU only."""
+"""perf/report.py (with perf/runs.py, perf/figures.py) on a small stored run (tests/fixtures/perf_small.json:
+benchmarks trimmed from the H200 baseline, plus hand-made based_generation results), and README.md's
+generated state-precision block (perf/drift.py). CPU only."""
 import json
 from pathlib import Path
 
 import pytest
 
-from perf import report
+from perf import drift, report, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +31,14 @@ def _table_rows(md: str, op: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def md():
-    return report.render_markdown([report.load_run(FIXTURE)])
+    return report.render_markdown([runs.load_run(FIXTURE)])
 
 
 def test_one_row_per_op_shape_impl(md):
     expected = {}
     for b in _benchmarks():
         info = b["extra_info"]
-        shape = report.shape_label(report._shape(info["shape"]))
+        shape = runs.shape_label(runs._shape(info["shape"]))
         expected.setdefault(info["op"], set()).add((shape, info["impl"]))
     assert set(expected) == {"based_prefill", "based_decode", "sliding_window_decode", "based_generation"}
     for op, want in expected.items():
@@ -118,7 +119,7 @@ def test_newest_baseline_per_gpu(tmp_path):
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         (tmp_path / rel).write_text("{}")
     (tmp_path / "empty").mkdir()
-    newest = report.newest_baselines(tmp_path)
+    newest = runs.newest_baselines(tmp_path)
     assert newest == [tmp_path / "gpu-a" / "0002_y.json", tmp_path / "gpu-b" / "0001_z.json"]
 
 
@@ -156,7 +157,7 @@ def test_gate_section_counts_match_the_noise_data():
     gated = {n: min(0.10, max(0.03, 3 * s)) for n, s in spreads.items() if n not in excluded}
     floor = sum(abs(t - 0.03) < 1e-12 for t in gated.values())
     cap = sum(3 * spreads[n] > 0.10 for n in gated)
-    md = report.render_markdown([report.load_run(FIXTURE)], [(noise, "perf/noise/nvidia-h200.json")])
+    md = report.render_markdown([runs.load_run(FIXTURE)], [(noise, "perf/noise/nvidia-h200.json")])
     section = _gate_section(md)
     rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")]
                               for line in section.splitlines() if line.startswith("| "))}
@@ -178,3 +179,75 @@ def test_committed_report_has_the_current_gate_section():
     noise = json.loads(NOISE_H200.read_text())
     assert _gate_section(committed).rstrip() == "\n".join(
         report.noise_summary(noise, "perf/noise/nvidia-h200.json")).rstrip()
+
+
+# --------------------------------------------------------------------------------------------------
+# README.md's state-precision block: generated from perf/results/decode_drift.json (perf/drift.py)
+# --------------------------------------------------------------------------------------------------
+README = ROOT / "README.md"
+
+
+def test_committed_readme_drift_block_is_the_rendering_of_the_committed_data():
+    """Edit perf/results/decode_drift.json (a device run of the drift test with ATTN_KERNELS_DRIFT_JSON
+    writes it), then `python -m perf.report --report-only`; never the README table by hand."""
+    data = json.loads(drift.DATA.read_text())
+    assert drift.readme_block(README.read_text()) == drift.render(data)
+
+
+def test_drift_numbers_to_two_significant_digits():
+    assert drift.fmt_errors([1.94e-7, 4.75e-7, 1.8e-6]) == "1.9e-7 / 4.8e-7 / 1.8e-6"
+    assert drift.fmt_errors([0.153, 0.998, 8.44]) == "0.15 / 1.0 / 8.4"  # all >= 0.1: fixed
+    assert drift.fmt_errors([0.02, 0.049, 0.2]) == "2.0e-2 / 4.9e-2 / 2.0e-1"  # one below 0.1: scientific
+    assert drift.fmt_errors([12.3, 9.96, 0.1]) == "12 / 10 / 0.10"
+
+
+MEASURED = {  # what the drift test hands the writer per state dtype: {steps: (output_rel, state_rel)}
+    "fp32": {100: (2.21e-3, 1.94e-7), 1_000: (2.2e-3, 4.8e-7), 10_000: (2.6e-3, 1.8e-6)},
+    "bf16": {100: (0.153, 2.04e-2), 1_000: (1.01, 4.9e-2), 10_000: (8.44, 0.2)},
+}
+
+
+def test_drift_writer_writes_what_the_renderer_reads(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "drift.json"
+    monkeypatch.delenv(drift.ENV, raising=False)
+    assert drift.record("fp32", MEASURED["fp32"], gpu_name="G", torch_version="2.x") is None  # no variable
+    assert not path.parent.exists()
+    monkeypatch.setenv(drift.ENV, str(path))
+    kw = dict(gpu_name="NVIDIA X100", torch_version="2.11.0", date="2030-01-02")
+    drift.record("bf16", MEASURED["bf16"], **kw)  # the test's parametrizations, in either order, merge
+    drift.record("fp32", MEASURED["fp32"], **kw)
+    data = json.loads(path.read_text())
+    assert data["source"] == drift.SOURCE
+    assert (data["gpu_name"], data["torch"], data["date"]) == ("NVIDIA X100", "2.11.0", "2030-01-02")
+    assert list(data["state_dtypes"]) == ["fp32", "bf16"]
+    for dtype, measured in MEASURED.items():
+        assert data["state_dtypes"][dtype] == {str(n): {"output_rel": o, "state_rel": s}
+                                               for n, (o, s) in measured.items()}
+    block = drift.render(data)
+    assert "`tests/test_based_decode.py::test_ten_thousand_steps_drift`, NVIDIA X100, torch 2.11.0, " \
+           "2030-01-02" in " ".join(block.split())
+    assert "| float32 (default) | 1.9e-7 / 4.8e-7 / 1.8e-6 | 2.2e-3 / 2.2e-3 / 2.6e-3 (the bf16" in block
+    assert "| bfloat16 | 2.0e-2 / 4.9e-2 / 2.0e-1 | 0.15 / 1.0 / 8.4 |" in block
+
+
+def test_drift_writer_never_merges_with_another_run(tmp_path):
+    """The typed placeholder, or a file from another GPU, is replaced, not merged: a lone dtype's run leaves a
+    file the renderer refuses rather than a table mixing two runs."""
+    path = tmp_path / "drift.json"
+    path.write_text(drift.DATA.read_text())
+    drift.record("fp32", MEASURED["fp32"], gpu_name="NVIDIA H200", torch_version="2.11.0", path=path)
+    data = json.loads(path.read_text())
+    assert list(data["state_dtypes"]) == ["fp32"] and data["source"] == drift.SOURCE
+    with pytest.raises(ValueError, match="lacks bf16/100, bf16/1000, bf16/10000"):
+        drift.render(data)
+    drift.record("bf16", MEASURED["bf16"], gpu_name="NVIDIA H100", torch_version="2.11.0", path=path)
+    assert list(json.loads(path.read_text())["state_dtypes"]) == ["bf16"]
+
+
+def test_update_readme_rewrites_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    text = README.read_text()
+    readme.write_text(text.replace("| bfloat16 | 2.0e-2", "| bfloat16 | 3.0e-2"))
+    assert drift.update_readme(readme, drift.DATA)
+    assert readme.read_text() == text
+    assert not drift.update_readme(readme, drift.DATA)  # unchanged: not written again
