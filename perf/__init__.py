@@ -11,5 +11,9 @@ A regular package: the test modules, the conftest and the scripts import each ot
     measure.py   timing one benchmark: spin kernel, eager rounds, CUDA-graph capture and replay, rotation
     slowdown.py  ATTN_KERNELS_PERF_SLOWDOWN, the deliberate slow-down that proves the gate
     impls.py     the implementation record (Impl) each test_perf_<op>.py lists, and bench() that times one
-    gate.py, noise_study.py, report.py   the regression gate, the noise study, plots and REPORT.md
+    gate.py, noise_study.py              the regression gate, the noise study
+    runs.py      reading stored runs (baselines) for the report and the plots
+    report.py    perf/REPORT.md and the README's generated blocks (python -m perf.report)
+    figures.py   the plots in perf/plots/<gpu>/
+    drift.py     the decode-state drift table: written by the drift test, rendered into the README
 """
