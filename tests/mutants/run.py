@@ -147,8 +147,11 @@ def write_report(path: Path, verdicts: list[Verdict], clean: str, seconds: float
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+    in_checkout = top.returncode == 0 and Path(top.stdout.strip()).resolve() == ROOT
+    commit = (subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip() if in_checkout
+              else os.environ.get("ATTN_KERNELS_COMMIT", "unknown (not a git checkout)"))
     killed = sum(v.killed_by is not None for v in verdicts)
     lines = [
         "# Mutation testing report",
