@@ -219,23 +219,19 @@ def test_rejects_z_missing_the_last_tokens(name, tokens):
     assert_rejects(f"{name} z missing last {tokens}", c.checks(z=z), "z")
 
 
-@pytest.mark.parametrize("name", ["N32768", "N1000-bf16", "N1000-fp16", "N65"])
-def test_rejects_state_rounded_to_bf16_every_chunk(name):
-    """Finding 1 (split path) and finding 2 (the bf16-state mutant survived the bf16 matrix cases)."""
-    c = case(name)
-    emu = Emulation(c.q, c.k, c.v, init=c.init, normalize=c.normalize, seg_chunks=c.emu.seg_tokens // CHUNK,
-                    state_bf16="chunk")
-    o, S, z = emu.run()
-    assert_rejects(f"{name} S rounded to bf16 every chunk", c.checks(o=o, S=S), "S")
+BF16_STATES = {"chunk": "S rounded to bf16 every chunk", "token": "S a running bf16 sum"}
 
 
-@pytest.mark.parametrize("name", ["N20000-num", "N1000-bf16"])
-def test_rejects_state_accumulated_in_bf16(name):
+@pytest.mark.parametrize("name,mode", [(n, "chunk") for n in ("N32768", "N1000-bf16", "N1000-fp16", "N65")]
+                         + [(n, "token") for n in ("N20000-num", "N1000-bf16")])
+def test_rejects_state_kept_in_bf16(name, mode):
+    """Finding 1 (split path) and finding 2 (the bf16-state mutant survived the bf16 matrix cases): S rounded
+    to bf16 at every chunk, or accumulated as a running bf16 sum, token by token."""
     c = case(name)
     emu = Emulation(c.q, c.k, c.v, init=c.init, normalize=c.normalize, seg_chunks=c.emu.seg_tokens // CHUNK,
-                    state_bf16="token")
+                    state_bf16=mode)
     o, S, z = emu.run()
-    assert_rejects(f"{name} S a running bf16 sum", c.checks(o=o, S=S), "S")
+    assert_rejects(f"{name} {BF16_STATES[mode]}", c.checks(o=o, S=S), "S")
 
 
 @pytest.mark.parametrize("name", ["N1000-bf16", "N65"])
