@@ -12,8 +12,10 @@ no-op when nothing changed.
 from __future__ import annotations
 
 import os
+import sys
 
 import nox
+import nox.virtualenv
 
 
 nox.options.sessions = ["build", "test"]
@@ -26,15 +28,21 @@ BUILD_REQUIRES = {"torch": "torch", "ninja": "ninja", "setuptools": "setuptools>
 TEST_REQUIRES = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "matplotlib": "matplotlib"}
 
 
+def _python(session: nox.Session) -> str:
+    """The interpreter sessions run: the virtualenv's `python`, or with --no-venv the one running nox (a GPU
+    box may have only `python3` on PATH, or a `python` that is not the one with torch)."""
+    return sys.executable if isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv) else "python"
+
+
 def _ensure(session: nox.Session, requires: dict[str, str]) -> None:
     missing = []
     for module, requirement in requires.items():
         try:
-            session.run("python", "-c", f"import {module}", silent=True, log=False)
+            session.run(_python(session), "-c", f"import {module}", silent=True, log=False)
         except nox.command.CommandFailed:
             missing.append(requirement)
     if missing:
-        session.run("python", "-m", "pip", "install", *missing)
+        session.run(_python(session), "-m", "pip", "install", *missing)
 
 
 def _build(session: nox.Session) -> None:
@@ -42,7 +50,8 @@ def _build(session: nox.Session) -> None:
     if os.environ.get("ATTN_KERNELS_CUTLASS_INCLUDE"):  # headers given directly (a box without the wheel)
         del requires["cutlass_library"]
     _ensure(session, requires)
-    session.run("python", "setup.py", "-q", "build_ext", "--inplace", env={"MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))})
+    jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
+    session.run(_python(session), "setup.py", "-q", "build_ext", "--inplace", env={"MAX_JOBS": jobs})
 
 
 @nox.session(venv_params=VENV_PARAMS)
@@ -56,7 +65,7 @@ def test(session: nox.Session) -> None:
     """pytest tests/ (posargs passed through). Without a GPU the CPU tests run and the GPU tests skip."""
     _build(session)
     _ensure(session, TEST_REQUIRES)
-    session.run("python", "-m", "pytest", "tests", *session.posargs)
+    session.run(_python(session), "-m", "pytest", "tests", *session.posargs)
 
 
 # perf/conftest.py points pytest-benchmark's storage at perf/baselines/<gpu-slug>/ of the GPU it runs on.
@@ -77,8 +86,9 @@ def perf(session: nox.Session) -> None:
     kept = [a for a in session.posargs if a.startswith("--benchmark-json=")]
     run_json = kept[-1].split("=", 1)[1] if kept else os.path.join(session.create_tmp(), "perf-run.json")
     pytest_args = [a for a in session.posargs if not a.startswith("--benchmark-json=")]
-    session.run("python", "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-json={run_json}", *pytest_args)
-    session.run("python", "-m", "perf.gate", "--baseline", "perf/baselines", "--noise", "perf/noise",
+    session.run(_python(session), "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-json={run_json}",
+                *pytest_args)
+    session.run(_python(session), "-m", "perf.gate", "--baseline", "perf/baselines", "--noise", "perf/noise",
                 "--run", run_json)
 
 
@@ -89,7 +99,8 @@ def perf_save(session: nox.Session) -> None:
     _build(session)
     _ensure(session, TEST_REQUIRES)
     name = session.posargs[0] if session.posargs else "baseline"
-    session.run("python", "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-save={name}", *session.posargs[1:])
+    session.run(_python(session), "-m", "pytest", "perf", *PERF_ARGS, f"--benchmark-save={name}",
+                *session.posargs[1:])
 
 
 @nox.session(venv_params=VENV_PARAMS)
@@ -98,7 +109,7 @@ def plots(session: nox.Session) -> None:
     runs given: `nox -s plots -- RUN.json ... [--out DIR]`; README.md's state-precision table from
     perf/results/decode_drift.json. Needs no GPU and no build."""
     _ensure(session, {"matplotlib": "matplotlib"})
-    session.run("python", "-m", "perf.report", *session.posargs)
+    session.run(_python(session), "-m", "perf.report", *session.posargs)
 
 
 SANITIZE_SUBSET = "tests/test_sanitize.py"
@@ -113,7 +124,8 @@ def sanitize(session: nox.Session) -> None:
     tools = os.environ.get("ATTN_KERNELS_SANITIZE_TOOLS", "memcheck racecheck initcheck synccheck").split()
     for tool in tools:
         session.run("compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
-                    "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", SANITIZE_SUBSET, *session.posargs,
+                    _python(session), "-m", "pytest", "-q", "-p", "no:cacheprovider", SANITIZE_SUBSET,
+                    *session.posargs,
                     external=True)
 
 
@@ -124,4 +136,4 @@ def mutants(session: nox.Session) -> None:
     `nox -s mutants -- NAME ...` runs only those; `-- --jobs J` sets the parallel builds."""
     _build(session)
     _ensure(session, TEST_REQUIRES)
-    session.run("python", "tests/mutants/run.py", *session.posargs)
+    session.run(_python(session), "tests/mutants/run.py", *session.posargs)
