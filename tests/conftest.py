@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # `import harness` from the test modules
+sys.path.insert(0, os.path.dirname(__file__))  # `import harness` (prefill_model, state_model, gate_fixtures) from the test modules
 
 SESSION_SEED = int(os.environ.get("ATTN_KERNELS_SEED", random.SystemRandom().randrange(2**31)))
 

@@ -5,9 +5,10 @@ import torch
 
 import attn_kernels as ak
 from attn_kernels import reference as ref
-from harness import (DTYPE_IDS, StateModel, assert_close_rule, assert_state_close, decode_state_advance,
-                     decode_state_model, lowp_prefill, max_err, nbytes, poison_allocator, prior_state, randn,
+from harness import (DTYPE_IDS, assert_close_rule, max_err, nbytes, poison_allocator, prior_state, randn,
                      requires_cuda)
+from prefill_model import lowp_prefill
+from state_model import StateModel, assert_state_close, decode_state_advance, decode_state_model
 
 BH = [(1, 1), (2, 8), (40, 25), (128, 128)]  # B*H = 1, 16, 1000, 16384
 

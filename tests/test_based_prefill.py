@@ -4,15 +4,16 @@ import torch
 
 import attn_kernels as ak
 from attn_kernels import reference as ref
-from harness import (DTYPE_IDS, assert_close_rule, assert_written, check_prefill, lowp_prefill, nbytes,
-                     poison_allocator, prior_state, randn, requires_cuda)
+from harness import (DTYPE_IDS, assert_close_rule, assert_written, nbytes, poison_allocator, prior_state, randn,
+                     requires_cuda)
+from prefill_model import check_prefill, lowp_prefill
 
 # (B, H, N): ragged lengths around the 64-token chunk, long ones, and several B*H.
 SHAPES = [(1, 1, 1), (2, 3, 63), (2, 3, 65), (1, 4, 1000), (2, 2, 4097), (3, 8, 257), (1, 64, 130)]
 
 
 def run_and_check(B, H, N, dtype, device, transposed, normalize, with_init, scale=None):
-    """o by the rule against float64 with the kernel-faithful comparator (harness.lowp_prefill), row by row;
+    """o by the rule against float64 with the kernel-faithful comparator (prefill_model.lowp_prefill), row by row;
     S and z against the float64 model of what the spec promises, within the derived float32-level bounds."""
     q = randn(B, H, N, 16, dtype=dtype, device=device, transposed=transposed)
     k = randn(B, H, N, 16, dtype=dtype, device=device, transposed=transposed)

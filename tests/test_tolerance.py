@@ -1,4 +1,4 @@
-"""The prefill checks (tests/harness.py, derived in tests/README.md) against emulated kernels, on the CPU.
+"""The prefill checks (tests/prefill_model.py, derived in tests/README.md) against emulated kernels, on the CPU.
 
 A kernel-faithful emulation of based_prefill (features rounded to the input dtype like the kernel, the state
 accumulated in float32 in groups of 16 tokens with truncation, the sequence split into segments whose states
@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from attn_kernels import reference as ref
-from harness import (CHUNK, U32, kernel_features, moments_from_z, prefill_checks, prefill_chunk_output,
-                     prefill_expectation, prior_state, state_check, z_from_moments)
+from harness import prior_state
+from prefill_model import (CHUNK, kernel_features, moments_from_z, prefill_checks, prefill_chunk_output,
+                           prefill_expectation, z_from_moments)
+from state_model import U32, state_check
 
 F32, F64 = torch.float32, torch.float64
 
