@@ -1,6 +1,8 @@
-"""based_prefill: attn_kernels vs PyTorch and fla. Eager timing over rotating input sets (perf.measure).
+"""based_prefill: attn_kernels vs PyTorch, fla and ThunderKittens. Eager timing over rotating input sets
+(perf.measure).
 
-The implementations are the ``IMPLS`` records (perf.impls.Impl).
+The implementations are the ``IMPLS`` records (perf.impls.Impl); every record runs at every shape it supports
+(``SUPPORTS``: ThunderKittens needs N % 64 == 0).
 Ids: test_perf_based_prefill[<impl>-<norm|num>-B<B>-H<H>-N<N>-bf16].
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from attn_kernels.reference import feature_map_compact
+from perf import thunderkittens as tk_build
 from perf.cost import prefill_cost
 from perf.impls import EAGER, FLA_MISSING, OPTIONAL, OURS, REFERENCE_MISSING, TORCH, Impl, bench, randn
 
@@ -21,8 +24,12 @@ DTYPE = torch.bfloat16
 SCALE = 1.0 / math.sqrt(D)
 EPS = 1e-6
 
+# The last two: shapes users run (issue 14), one long sequence over few heads and a wider model. Every peer
+# runs there too: at N = 65536 the eager PyTorch reference is host-bound (~20 launches per 64-token chunk,
+# ~0.5 s a call: ~10 s for its few rounds) and the compiled one holds a few GB of per-chunk states; neither
+# takes minutes (perf/README.md, "Implementations").
 SHAPES = [(16, 16, 1024), (16, 16, 2048), (16, 16, 4096), (16, 16, 8192), (16, 16, 16384), (4, 16, 32768),
-          (64, 16, 2048)]
+          (64, 16, 2048), (1, 16, 65536), (2, 32, 8192)]
 
 
 class Shape(NamedTuple):
@@ -117,6 +124,14 @@ def _ours(normalize: bool):
     return lambda ak, s: lambda q, k, v: ak.based_prefill(q, k, v, normalize=normalize, eps=EPS)
 
 
+def _thunderkittens(m, s: Shape):
+    # TK's based(q, k, v) -> (o, kv_state): the numerator only (no denominator), scale 1/sqrt(16) built in,
+    # the 273-wide state written in bf16 and concatenated by its launcher (part of its call, as TK ships it).
+    # perf/thunderkittens.py builds it without the launcher's cudaDeviceSynchronize() calls, on the current
+    # stream.
+    return lambda q, k, v: m.based(q, k, v)[0]
+
+
 def _torch_compile(_, s: Shape):
     fn = _compiled_loopfree()
     return lambda q, k, v: fn(q, k, v, SCALE, True, EPS)
@@ -137,12 +152,17 @@ IMPLS = [
           module="fla.ops.based", missing=FLA_MISSING, layout="bthd_view"),
     _impl("fla_fused_recurrent", "norm", _fla_fused_recurrent, module="fla.ops.linear_attn",
           missing=FLA_MISSING, layout="bthd"),
+    _impl("thunderkittens", "num", _thunderkittens, module=tk_build.NAME, missing=tk_build.MISSING),
 ]
+tk_build.install_import_hook()  # `import thunderkittens` builds the peer where there is a checkout
+# peer -> the shapes it runs (every shape where absent): an id exists only where the peer can run
+SUPPORTS = {"thunderkittens": tk_build.supports}
 BY_PARAMS = {impl.params: impl for impl in IMPLS}
 CASES = [
     pytest.param(*impl.params, B, H, N, id=f"{impl.name}-B{B}-H{H}-N{N}-bf16")
     for (B, H, N) in SHAPES
     for impl in IMPLS
+    if SUPPORTS.get(impl.peer, lambda *shape: True)(B, H, N)
 ]
 
 
