@@ -1,4 +1,4 @@
-"""Pure-PyTorch references for the three ops (semantics: spec.md). Any device, any float dtype.
+"""Pure-PyTorch references for the ops (semantics: spec.md), the planned serving variants included. Any device, any float dtype.
 
 Every function computes in the dtype of its inputs, so the same code gives the float64 ground truth
 (upcast the inputs) and the "PyTorch in the same low precision" error that the tests' tolerance rule
@@ -177,11 +177,21 @@ def based_chunked(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
     return torch.cat(outs, dim=-2), (S, z)
 
 
-def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, window: int, scale=None):
+def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, window: int, scale=None,
+                          cache_indices=None):
     """q, k_new, v_new (B, H, e); caches (B, H, window, e); positions (B,) int.
     Returns (o (B, H, e), k_cache_new, v_cache_new): the caches with the new token written into slot
     p % window (copies: the arguments are left untouched), o = softmax attention over the last `window`
-    positions [max(0, p - window + 1), p]. Computes in q's dtype."""
+    positions [max(0, p - window + 1), p]. Computes in q's dtype.
+
+    With cache_indices ((B,) int, planned API, spec.md "sliding_window_decode with cache pools") the caches are
+    pools (P, H, window, e) and row b uses pool row cache_indices[b]: -1 is a padding row (output zeros,
+    nothing written, its position ignored); an index >= P or < -1 writes nothing and gives a NaN output."""
+    if cache_indices is not None:
+        rows = _PoolRows(cache_indices, k_cache.shape[0], "cache_indices")
+        o, k_rows, v_rows = sliding_window_decode(q, k_new, v_new, k_cache[rows.safe], v_cache[rows.safe],
+                                                  positions, window=window, scale=scale)
+        return rows.output(o), rows.scatter(k_cache, k_rows), rows.scatter(v_cache, v_rows)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     B = q.shape[0]
     pos = positions.to(device=q.device, dtype=torch.long)
@@ -215,3 +225,169 @@ def sliding_window_attention(q, k, v, *, window: int, scale=None):
     allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
     scores = (scale * (q @ k.transpose(-1, -2))).masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planned serving variants (spec.md, "planned: reference only"): varlen prefill with cu_seqlens, state and
+# cache pools addressed by per-row indices, and the sliding-window prefill that fills the ring buffer.
+# No kernel or public API yet; these define the semantics the kernels will be tested against.
+
+
+def seq_bounds(cu_seqlens: torch.Tensor, total: int) -> list[tuple[int, int]]:
+    """cu_seqlens (n+1,) int -> [(start, end)] per sequence, checked: 1-D, starts at 0, non-decreasing,
+    last == total (the packed length T). Empty sequences (start == end) are allowed."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens: expected a 1-D integer tensor (n+1,), got {tuple(cu_seqlens.shape)} "
+                         f"{cu_seqlens.dtype}")
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing from 0 to {total}, got {cu}")
+    return list(zip(cu, cu[1:]))
+
+
+class _PoolRows:
+    """Per-row pool indices (n,): -1 = padding (nothing read or written), 0 <= i < P = a pool row, anything
+    else = out of range (what a kernel under graph capture does with it: writes nothing, NaN output).
+    Duplicates among the pool rows are an error (the result would depend on the order of the writes)."""
+
+    def __init__(self, indices: torch.Tensor, P: int, name: str):
+        if indices.dim() != 1 or indices.is_floating_point():
+            raise ValueError(f"{name}: expected a 1-D integer tensor, got {tuple(indices.shape)} {indices.dtype}")
+        idx = indices.to(torch.long)
+        self.pad = idx == -1
+        self.valid = (idx >= 0) & (idx < P)
+        self.bad = ~self.valid & ~self.pad
+        used = idx[self.valid]
+        if used.unique().numel() != used.numel():
+            raise ValueError(f"{name}: duplicate pool rows among the non-padding rows: {indices.tolist()}")
+        self.idx = idx
+        self.safe = torch.where(self.valid, idx, 0)  # a readable row for every row; only valid ones are used
+
+    def scatter(self, pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A copy of pool with rows[b] written into pool row idx[b] for the valid rows b."""
+        pool = pool.clone()
+        pool[self.idx[self.valid]] = rows[self.valid].to(pool.dtype)
+        return pool
+
+    def _mask(self, which: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return which.to(o.device).view(-1, *([1] * (o.dim() - 1)))
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """Row-major outputs (n, ...): padding rows zero, out-of-range rows NaN."""
+        o = torch.where(self._mask(self.pad, o), 0, o)
+        return torch.where(self._mask(self.bad, o), float("nan"), o)
+
+
+def based_varlen(q, k, v, cu_seqlens, *, scale=None, normalize=True, eps=1e-6,
+                 initial_state: State | None = None):
+    """Varlen prefill: q, k (1, H, T, 16), v (1, H, T, e) hold n sequences packed along T, sequence i at
+    [cu_seqlens[i], cu_seqlens[i+1]). initial_state, if given, is per sequence (S (n, H, 153, e), z (n, H, 153)).
+    Returns (o (1, H, T, e), (S (n, H, 153, e), z (n, H, 153))): each sequence computed alone (based_chunked);
+    an empty sequence has no output rows and returns its initial state (zeros without one). Computes in q's
+    dtype."""
+    if q.shape[0] != 1:
+        raise ValueError(f"q: varlen inputs are packed with B = 1, got B = {q.shape[0]}")
+    H, T, e = q.shape[1], q.shape[2], v.shape[-1]
+    bounds = seq_bounds(cu_seqlens, T)
+    n = len(bounds)
+    o = torch.zeros(1, H, T, e, dtype=q.dtype, device=q.device)
+    S, z = zero_state(n, H, e=e, dtype=q.dtype, device=q.device)
+    for i, (a, b) in enumerate(bounds):
+        init = None if initial_state is None else (initial_state[0][i : i + 1], initial_state[1][i : i + 1])
+        if a == b:
+            if init is not None:
+                S[i], z[i] = init[0][0].to(q.dtype), init[1][0].to(q.dtype)
+            continue
+        o_i, (S_i, z_i) = based_chunked(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=scale,
+                                        normalize=normalize, eps=eps, initial_state=init)
+        o[:, :, a:b] = o_i
+        S[i], z[i] = S_i[0], z_i[0]
+    return o, (S, z)
+
+
+def based_decode_pooled(q, k, v, pool: State, state_indices, *, scale=None, normalize=True, eps=1e-6):
+    """Decode with a state pool: q, k (B, H, 16), v (B, H, e); pool = (S (P, H, 153, e), z (P, H, 153));
+    state_indices (B,) int. Row b updates and reads pool row state_indices[b] (update, then read, as
+    based_decode_step); -1 = padding row: output zeros, its pool row untouched; an index >= P or < -1 writes
+    nothing and gives a NaN output. Returns (o (B, H, e), (S_pool_new, z_pool_new)), copies in the pool's dtype
+    (the arguments are left untouched). Computes in q's dtype."""
+    S_pool, z_pool = pool
+    rows = _PoolRows(state_indices, S_pool.shape[0], "state_indices")
+    o, (S, z) = based_decode_step(q, k, v, (S_pool[rows.safe], z_pool[rows.safe]), scale=scale,
+                                  normalize=normalize, eps=eps)
+    return rows.output(o), (rows.scatter(S_pool, S), rows.scatter(z_pool, z))
+
+
+def based_prefill_to_pool(q, k, v, pool: State, state_indices, *, cu_seqlens=None, scale=None, normalize=True,
+                          eps=1e-6, initial_state: State | None = None):
+    """based_prefill (dense (B, H, N, .), or varlen with cu_seqlens) whose final states go into pool rows:
+    sequence i's state is written to pool row state_indices[i] ((B,) or (n,) int); -1 = not written (its
+    output is still computed); an index >= P or < -1 writes nothing and gives NaN outputs for that sequence.
+    initial_state stays per sequence ((B or n, H, 153, e), (B or n, H, 153)), the pool is only written.
+    Returns (o, (S_pool_new, z_pool_new)) (copies)."""
+    S_pool, z_pool = pool
+    rows = _PoolRows(state_indices, S_pool.shape[0], "state_indices")
+    if cu_seqlens is None:
+        o, (S, z) = based_chunked(q, k, v, scale=scale, normalize=normalize, eps=eps, initial_state=initial_state)
+        o = torch.where(rows.bad.to(o.device)[:, None, None, None], float("nan"), o)
+    else:
+        o, (S, z) = based_varlen(q, k, v, cu_seqlens, scale=scale, normalize=normalize, eps=eps,
+                                 initial_state=initial_state)
+        for i, (a, b) in enumerate(seq_bounds(cu_seqlens, q.shape[2])):
+            if bool(rows.bad[i]):
+                o[:, :, a:b] = float("nan")
+    return o, (rows.scatter(S_pool, S), rows.scatter(z_pool, z))
+
+
+def _ring_fill(k_row, v_row, k, v, window: int):
+    """Write the last min(N, window) of k, v (H, N, e) into ring rows (H, window, e) at slot p % window."""
+    n = k.shape[-2]
+    p = torch.arange(max(0, n - window), n, device=k.device)
+    k_row[:, p % window] = k[:, p].to(k_row.dtype)
+    v_row[:, p % window] = v[:, p].to(v_row.dtype)
+
+
+def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window: int, scale=None, cu_seqlens=None,
+                           cache_indices=None):
+    """Prompt of a sliding-window layer. q, k, v (B, H, N, e), or (1, H, T, e) packed with cu_seqlens (n+1,).
+    o = causal sliding-window attention of each sequence (query i attends [i - window + 1, i], the
+    sequence starting at position 0; sliding_window_attention), and each sequence's last min(N, window) keys
+    and values are written into its ring buffer at slot p % window, where sliding_window_decode continues at
+    position N; the other slots keep their content, and nothing in the caches is read. Caches: (B or n, H,
+    window, e), row i for sequence i; with cache_indices ((B or n,) int) pools (P, H, window, e), sequence i
+    using pool row cache_indices[i]: -1 = nothing written (output still computed), an index >= P or < -1
+    writes nothing and gives NaN outputs for that sequence.
+    Returns (o, k_cache_new, v_cache_new) (copies: the arguments are left untouched). Computes in q's dtype."""
+    if cu_seqlens is None:
+        bounds = [(0, q.shape[2])] * q.shape[0]
+        seq = lambda t, i, a, b: t[i]  # noqa: E731
+    else:
+        if q.shape[0] != 1:
+            raise ValueError(f"q: varlen inputs are packed with B = 1, got B = {q.shape[0]}")
+        bounds = seq_bounds(cu_seqlens, q.shape[2])
+        seq = lambda t, i, a, b: t[0, :, a:b]  # noqa: E731
+    n = len(bounds)
+    if cache_indices is None:
+        if k_cache.shape[0] != n or v_cache.shape[0] != n:
+            raise ValueError(f"k_cache, v_cache: expected {n} rows (one per sequence), got "
+                             f"{k_cache.shape[0]}, {v_cache.shape[0]}")
+        rows = _PoolRows(torch.arange(n), n, "cache_indices")
+    else:
+        rows = _PoolRows(cache_indices, k_cache.shape[0], "cache_indices")
+        if rows.idx.numel() != n:
+            raise ValueError(f"cache_indices: expected {n} entries (one per sequence), got {rows.idx.numel()}")
+    o = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    k_rows, v_rows = k_cache[rows.safe].clone(), v_cache[rows.safe].clone()
+    for i, (a, b) in enumerate(bounds):
+        if a == b:
+            continue
+        qi, ki, vi = seq(q, i, a, b), seq(k, i, a, b), seq(v, i, a, b)
+        oi = sliding_window_attention(qi, ki, vi, window=window, scale=scale)
+        if bool(rows.bad[i]):
+            oi = torch.full_like(oi, float("nan"))
+        if cu_seqlens is None:
+            o[i] = oi
+        else:
+            o[0, :, a:b] = oi
+        _ring_fill(k_rows[i], v_rows[i], ki, vi, window)
+    return o, rows.scatter(k_cache, k_rows), rows.scatter(v_cache, v_rows)
