@@ -1,4 +1,5 @@
-"""Pure-PyTorch references for the ops (semantics: spec.md), the planned serving variants included. Any device, any float dtype.
+"""Pure-PyTorch references for the ops (semantics: spec.md), planned serving variants included. Any device,
+any float dtype.
 
 Every function computes in the dtype of its inputs, so the same code gives the float64 ground truth
 (upcast the inputs) and the "PyTorch in the same low precision" error that the tests' tolerance rule
@@ -184,8 +185,8 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
     p % window (copies: the arguments are left untouched), o = softmax attention over the last `window`
     positions [max(0, p - window + 1), p]. Computes in q's dtype.
 
-    With cache_indices ((B,) int, planned API, spec.md "sliding_window_decode with cache pools") the caches are
-    pools (P, H, window, e) and row b uses pool row cache_indices[b]: -1 is a padding row (output zeros,
+    With cache_indices ((B,) int, planned API, spec.md "sliding_window_decode with cache pools") the caches
+    are pools (P, H, window, e) and row b uses pool row cache_indices[b]: -1 is a padding row (output zeros,
     nothing written, its position ignored); an index >= P or < -1 writes nothing and gives a NaN output."""
     if cache_indices is not None:
         rows = _PoolRows(cache_indices, k_cache.shape[0], "cache_indices")
@@ -252,7 +253,8 @@ class _PoolRows:
 
     def __init__(self, indices: torch.Tensor, P: int, name: str):
         if indices.dim() != 1 or indices.is_floating_point():
-            raise ValueError(f"{name}: expected a 1-D integer tensor, got {tuple(indices.shape)} {indices.dtype}")
+            raise ValueError(f"{name}: expected a 1-D integer tensor, got {tuple(indices.shape)} "
+                             f"{indices.dtype}")
         idx = indices.to(torch.long)
         self.pad = idx == -1
         self.valid = (idx >= 0) & (idx < P)
@@ -281,10 +283,10 @@ class _PoolRows:
 def based_varlen(q, k, v, cu_seqlens, *, scale=None, normalize=True, eps=1e-6,
                  initial_state: State | None = None):
     """Varlen prefill: q, k (1, H, T, 16), v (1, H, T, e) hold n sequences packed along T, sequence i at
-    [cu_seqlens[i], cu_seqlens[i+1]). initial_state, if given, is per sequence (S (n, H, 153, e), z (n, H, 153)).
-    Returns (o (1, H, T, e), (S (n, H, 153, e), z (n, H, 153))): each sequence computed alone (based_chunked);
-    an empty sequence has no output rows and returns its initial state (zeros without one). Computes in q's
-    dtype."""
+    [cu_seqlens[i], cu_seqlens[i+1]). initial_state, if given, is per sequence (S (n, H, 153, e),
+    z (n, H, 153)). Returns (o (1, H, T, e), (S (n, H, 153, e), z (n, H, 153))): each sequence computed
+    alone (based_chunked); an empty sequence has no output rows and returns its initial state (zeros without
+    one). Computes in q's dtype."""
     if q.shape[0] != 1:
         raise ValueError(f"q: varlen inputs are packed with B = 1, got B = {q.shape[0]}")
     H, T, e = q.shape[1], q.shape[2], v.shape[-1]
@@ -309,8 +311,8 @@ def based_decode_pooled(q, k, v, pool: State, state_indices, *, scale=None, norm
     """Decode with a state pool: q, k (B, H, 16), v (B, H, e); pool = (S (P, H, 153, e), z (P, H, 153));
     state_indices (B,) int. Row b updates and reads pool row state_indices[b] (update, then read, as
     based_decode_step); -1 = padding row: output zeros, its pool row untouched; an index >= P or < -1 writes
-    nothing and gives a NaN output. Returns (o (B, H, e), (S_pool_new, z_pool_new)), copies in the pool's dtype
-    (the arguments are left untouched). Computes in q's dtype."""
+    nothing and gives a NaN output. Returns (o (B, H, e), (S_pool_new, z_pool_new)), copies in the pool's
+    dtype (the arguments are left untouched). Computes in q's dtype."""
     S_pool, z_pool = pool
     rows = _PoolRows(state_indices, S_pool.shape[0], "state_indices")
     o, (S, z) = based_decode_step(q, k, v, (S_pool[rows.safe], z_pool[rows.safe]), scale=scale,
@@ -328,7 +330,8 @@ def based_prefill_to_pool(q, k, v, pool: State, state_indices, *, cu_seqlens=Non
     S_pool, z_pool = pool
     rows = _PoolRows(state_indices, S_pool.shape[0], "state_indices")
     if cu_seqlens is None:
-        o, (S, z) = based_chunked(q, k, v, scale=scale, normalize=normalize, eps=eps, initial_state=initial_state)
+        o, (S, z) = based_chunked(q, k, v, scale=scale, normalize=normalize, eps=eps,
+                                  initial_state=initial_state)
         o = torch.where(rows.bad.to(o.device)[:, None, None, None], float("nan"), o)
     else:
         o, (S, z) = based_varlen(q, k, v, cu_seqlens, scale=scale, normalize=normalize, eps=eps,
@@ -357,7 +360,8 @@ def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window: int, scale=None
     window, e), row i for sequence i; with cache_indices ((B or n,) int) pools (P, H, window, e), sequence i
     using pool row cache_indices[i]: -1 = nothing written (output still computed), an index >= P or < -1
     writes nothing and gives NaN outputs for that sequence.
-    Returns (o, k_cache_new, v_cache_new) (copies: the arguments are left untouched). Computes in q's dtype."""
+    Returns (o, k_cache_new, v_cache_new) (copies: the arguments are left untouched). Computes in q's
+    dtype."""
     if cu_seqlens is None:
         bounds = [(0, q.shape[2])] * q.shape[0]
         seq = lambda t, i, a, b: t[i]  # noqa: E731
@@ -375,7 +379,8 @@ def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window: int, scale=None
     else:
         rows = _PoolRows(cache_indices, k_cache.shape[0], "cache_indices")
         if rows.idx.numel() != n:
-            raise ValueError(f"cache_indices: expected {n} entries (one per sequence), got {rows.idx.numel()}")
+            raise ValueError(f"cache_indices: expected {n} entries (one per sequence), "
+                             f"got {rows.idx.numel()}")
     o = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     k_rows, v_rows = k_cache[rows.safe].clone(), v_cache[rows.safe].clone()
     for i, (a, b) in enumerate(bounds):
