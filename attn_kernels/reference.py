@@ -206,11 +206,10 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
     held = pos[:, None] - (pos[:, None] - s[None, :]) % window  # (B, window)
     valid = (held >= 0)[:, None, :, None]  # (B, 1, window, 1)
     # A slot not yet written (p < window - 1) holds whatever the caller allocated (torch.empty: NaN, inf, old
-    # data). Nothing may depend on it: its key AND its value are replaced before use, since a zero weight
-    # times a NaN or inf value is NaN (masking the score alone is not enough).
-    k_read = torch.where(valid, k_cache.to(q.dtype), 0)
+    # data). Nothing may depend on it: its score is replaced by -inf (masked_fill replaces a NaN score too),
+    # and its value by 0, since a zero weight times a NaN or inf value is NaN.
     v_read = torch.where(valid, v_cache.to(q.dtype), 0)
-    scores = scale * (k_read @ q[..., :, None]).squeeze(-1)  # (B, H, window)
+    scores = scale * (k_cache.to(q.dtype) @ q[..., :, None]).squeeze(-1)  # (B, H, window)
     scores = scores.masked_fill(~valid[..., 0], float("-inf"))
     p = torch.softmax(scores, dim=-1)
     o = (p[..., None, :] @ v_read).squeeze(-2)
