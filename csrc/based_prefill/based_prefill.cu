@@ -33,7 +33,9 @@
 //   config.cuh       Cfg, the wgmma operand tiles and the shared-memory layout
 //   fragments.cuh    mma.sync / wgmma atoms, their register fragments, where the state lives in them
 //   feature_map.cuh  phi of one token row into a phi tile (the compact order of common/feature_order.h)
-//   kernel.cuh       based_prefill_kernel (the phases above, top to bottom) and the segment scan kernel
+//   intra_chunk.cuh  W, the chunk's causal Taylor-kernel matrix, and the denominator's intra-chunk sums
+//   kernel.cuh       based_prefill_kernel (the phases above, top to bottom)
+//   scan.cuh         the segment scan kernel (split sequences)
 //   heuristics.h     the split-sequence decision and its workspace
 //   this file        the launcher
 #include <cuda_bf16.h>
@@ -44,6 +46,7 @@
 #include "config.cuh"
 #include "heuristics.h"
 #include "kernel.cuh"
+#include "scan.cuh"
 
 namespace attn_kernels {
 namespace {

@@ -1,11 +1,12 @@
-// based_prefill, part of based_prefill.cu (included there only): the kernels. based_prefill_kernel walks
-// one (b, h, segment) chunk by chunk (the phases are the overview's of based_prefill.cu);
-// based_prefill_scan_kernel turns the segments' partial states into prefix sums (split sequences only).
+// based_prefill, part of based_prefill.cu (included there only): the kernel. based_prefill_kernel walks one
+// (b, h, segment) chunk by chunk (the phases are the overview's of based_prefill.cu); scan.cuh's kernel
+// turns the segments' partial states into prefix sums (split sequences only).
 //
-// The chunk loop reads top to bottom: each phase after the first is a named lambda of the kernel body
-// (den_inter_of_chunk, update_moments, products, epilogue; write_state after the loop). Phase 1 (phi, W)
-// is written in the loop itself: as a lambda it costs one register (bf16 254 -> 255 of 255), and as
-// __forceinline__ functions with parameters every phase did (pass 1 217 -> 218); -Xptxas -v.
+// The chunk loop reads top to bottom: phase 1 calls the feature map (feature_map.cuh) and the W builder
+// (intra_chunk.cuh); each later phase is a named lambda of the kernel body (den_inter_of_chunk,
+// update_moments, products, epilogue; write_state after the loop). Lambdas, not __forceinline__
+// functions with parameters: written as functions, the phases cost a register (pass 1 217 -> 218;
+// -Xptxas -v), while the W builder as a function saves two (full pass bf16 254 -> 252, fp16 255 -> 254).
 #pragma once
 #include <cstddef>
 
@@ -18,6 +19,7 @@
 #include "config.cuh"
 #include "feature_map.cuh"
 #include "fragments.cuh"
+#include "intra_chunk.cuh"
 
 namespace attn_kernels {
 namespace {
@@ -329,37 +331,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     }
   };
   auto write_state = [&]() {
-  float* dst_S = nullptr;
-  float* dst_z = nullptr;
-  if constexpr (kStateOnly) {  // this segment's own contribution: S^T in fragment order, z
-    float* dst = ws + (int64_t(bh) * (nseg - 1) + seg) * Cfg::kWsFloats;
+    float* dst_S = nullptr;
+    float* dst_z = nullptr;
+    if constexpr (kStateOnly) {  // this segment's own contribution: S^T in fragment order, z
+      float* dst = ws + (int64_t(bh) * (nseg - 1) + seg) * Cfg::kWsFloats;
 #pragma unroll
-    for (int n = 0; n < Cfg::kNT; ++n)
-      reinterpret_cast<float4*>(dst)[(warp * Cfg::kNT + n) * 32 + lane] =
-          make_float4(s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3]);
-    dst_z = dst + Cfg::kStateFloats;
-  } else if (seg == nseg - 1 && p.S) {  // final state
-    dst_S = p.S + int64_t(bh) * kCompactFeatures * kValueDim;
-    dst_z = p.z + int64_t(bh) * kCompactFeatures;
-  }
-  if (dst_S) {
-    for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
-      if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[4 * n + e];
-    });
-  }
-  if (dst_z && warp == kZWarp) {
-    for_each_g(g, t, [&](int nt, int e, int i, int j) {
-      if (i < j) dst_z[quad_feature(i, j)] = p.scale * gm[nt][e];
-      if (i == j) dst_z[kSquareFeature0 + i] = p.scale * 0.70710678118654752f * gm[nt][e];
-    });
-    if (t == 0) {
-      dst_z[kLinearFeature0 + g] = sqrt_c * ksa[0];
-      dst_z[kLinearFeature0 + 8 + g] = sqrt_c * ksa[2];
+      for (int n = 0; n < Cfg::kNT; ++n)
+        reinterpret_cast<float4*>(dst)[(warp * Cfg::kNT + n) * 32 + lane] =
+            make_float4(s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3]);
+      dst_z = dst + Cfg::kStateFloats;
+    } else if (seg == nseg - 1 && p.S) {  // final state
+      dst_S = p.S + int64_t(bh) * kCompactFeatures * kValueDim;
+      dst_z = p.z + int64_t(bh) * kCompactFeatures;
     }
-    if (lane == 0) dst_z[0] = cnt + float(t_end - t_begin);
-    // The workspace copy keeps the zero padding too: the scan sums whole float4s.
-    if (kStateOnly && lane < Cfg::kF - kCompactFeatures) dst_z[kCompactFeatures + lane] = 0.f;
-  }
+    if (dst_S) {
+      for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
+        if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[4 * n + e];
+      });
+    }
+    if (dst_z && warp == kZWarp) {
+      for_each_g(g, t, [&](int nt, int e, int i, int j) {
+        if (i < j) dst_z[quad_feature(i, j)] = p.scale * gm[nt][e];
+        if (i == j) dst_z[kSquareFeature0 + i] = p.scale * 0.70710678118654752f * gm[nt][e];
+      });
+      if (t == 0) {
+        dst_z[kLinearFeature0 + g] = sqrt_c * ksa[0];
+        dst_z[kLinearFeature0 + 8 + g] = sqrt_c * ksa[2];
+      }
+      if (lane == 0) dst_z[0] = cnt + float(t_end - t_begin);
+      // The workspace copy keeps the zero padding too: the scan sums whole float4s.
+      if (kStateOnly && lane < Cfg::kF - kCompactFeatures) dst_z[kCompactFeatures + lane] = 0.f;
+    }
   };
 
   issue_loads(0);
@@ -400,59 +402,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
         build_phi_row<T, 0, 20>(sm.k[st][r], PhiRowDst(s_phik, r), sqrt_c, t0 + r < t_end ? 1.f : 0.f,
                                 packed_ok);
       }
-      // W block i = (m, kt), kt <= m, numbered row by row; warp w takes i = w, w+4, w+8 (< 10). The
-      // fragments of all three are loaded first: one shared-memory round trip instead of three.
-      auto block_mk = [](int i, int& m, int& kt) {
-        m = i >= 6 ? 3 : i >= 3 ? 2 : i >= 1 ? 1 : 0;
-        kt = i - m * (m + 1) / 2;
-      };
-      uint32_t qa3[3][4], kb3[3][4];  // kb: keys 16kt..+7 {kb0, kb1}, keys 16kt+8..+15 {kb2, kb3}
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        int m, kt;
-        block_mk(min(warp + 4 * j, 9), m, kt);
-        ldsm4(qa3[j], saddr(&sm.q[st][16 * m + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
-        ldsm4(kb3[j], saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
-      }
+      build_w_blocks<T>(sm.q[st], sm.k[st], s_w, sm.den, c1, c2, den_on, warp, lane);
       if (den_on) ldsm4(qd, saddr(&sm.q[st][16 * warp + lr + 8 * (lj & 1)][8 * (lj >> 1)]));
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        const int i = warp + 4 * j;
-        if (i >= 10) break;
-        int m, kt;
-        block_mk(i, m, kt);
-        const uint32_t(&qa)[4] = qa3[j];
-        const uint32_t(&kb)[4] = kb3[j];
-        float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
-        mma<T>(ca, qa, kb[0], kb[1]);
-        mma<T>(cb, qa, kb[2], kb[3]);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          ca[e] = fmaf(ca[e], fmaf(ca[e], c2, c1), 1.f);
-          cb[e] = fmaf(cb[e], fmaf(cb[e], c2, c1), 1.f);
-          if (m == kt) {  // diagonal block: key 2t+(e&1) (+8 for cb) vs query g + 8(e>>1)
-            const int qrow = g + 8 * (e >> 1), key = 2 * t + (e & 1);
-            if (AK_MUTANT(prefill_causal_diag) ? key >= qrow : key > qrow) ca[e] = 0.f;
-            if (key + 8 > qrow) cb[e] = 0.f;
-          }
-        }
-        const int r0 = 16 * m + g, k0 = 16 * kt + 2 * t;
-        sts32(s_w + 2 * row128_off(r0, k0), pack2<T>(ca[0], ca[1]));
-        sts32(s_w + 2 * row128_off(r0 + 8, k0), pack2<T>(ca[2], ca[3]));
-        sts32(s_w + 2 * row128_off(r0, k0 + 8), pack2<T>(cb[0], cb[1]));
-        sts32(s_w + 2 * row128_off(r0 + 8, k0 + 8), pack2<T>(cb[2], cb[3]));
-        if (den_on) {
-          float d0 = (ca[0] + ca[1]) + (cb[0] + cb[1]), d1 = (ca[2] + ca[3]) + (cb[2] + cb[3]);
-          d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
-          d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
-          d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
-          d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
-          if (t == 0) {
-            sm.den[r0][4 + kt] = d0;
-            sm.den[r0 + 8][4 + kt] = d1;
-          }
-        }
-      }
     }
     den_inter_of_chunk(st, t0, qd);
     update_moments(c, st);
@@ -463,20 +414,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     epilogue(t0);
   }
   write_state();
-}
-
-// In-place inclusive prefix sum over the nparts partial states of each (b, h).
-__global__ void based_prefill_scan_kernel(float4* ws, int64_t bh_count, int nparts) {
-  constexpr int kPer = Cfg::kWsFloats / 4;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= bh_count * kPer) return;
-  float4* x = ws + (i / kPer) * nparts * kPer + (i % kPer);
-  float4 acc = x[0];
-  for (int s = 1; s < nparts; ++s) {
-    const float4 y = x[int64_t(s) * kPer];
-    acc = make_float4(acc.x + y.x, acc.y + y.y, acc.z + y.z, acc.w + y.w);
-    x[int64_t(s) * kPer] = acc;
-  }
 }
 
 }  // namespace
