@@ -13,29 +13,32 @@ from .limits import COMPACT_FEATURES, FEAT_DIM, VALUE_DIM
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def tensor(op: str, name: str, t, ndim: int, last: Sequence[int] | None = None) -> torch.Tensor:
-    """t is a floating tensor of rank ndim, no empty dimension, last dim in `last` (if given), stride 1."""
+def tensor(op: str, name: str, t, ndim: int, last: Sequence[int] | None = None,
+           allow_empty: bool = False) -> torch.Tensor:
+    """t is a floating tensor of rank ndim, no empty dimension (unless allow_empty), last dim in `last` (if
+    given), stride 1."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
     if not t.is_floating_point():
         raise TypeError(f"{op}: {name}.dtype must be a floating dtype, got {t.dtype}")
-    if t.numel() == 0:
+    if t.numel() == 0 and not allow_empty:
         raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(t.shape)}")
     if last is not None and t.shape[-1] not in last:
         want = last[0] if len(last) == 1 else f"one of {tuple(last)}"
         raise ValueError(f"{op}: {name}.shape[-1] must be {want}, got {t.shape[-1]}")
-    if t.stride(-1) != 1:
+    if t.stride(-1) != 1 and t.numel() > 0:
         raise ValueError(f"{op}: {name}.stride(-1) must be 1 (last dimension contiguous), got {t.stride(-1)}")
     return t
 
 
-def based_qkv(op: str, q, k, v, ndim: int) -> None:
-    """Based inputs: q, k (..., 16) of one shape, v (..., 64) with q's leading dims; one device and dtype."""
-    tensor(op, "q", q, ndim, last=(FEAT_DIM,))
-    tensor(op, "k", k, ndim, last=(FEAT_DIM,))
-    tensor(op, "v", v, ndim, last=(VALUE_DIM,))
+def based_qkv(op: str, q, k, v, ndim: int, allow_empty: bool = False) -> None:
+    """Based inputs: q, k (..., 16) of one shape, v (..., 64) with q's leading dims; one device and dtype.
+    allow_empty: zero tokens are fine (varlen batches of empty sequences)."""
+    tensor(op, "q", q, ndim, last=(FEAT_DIM,), allow_empty=allow_empty)
+    tensor(op, "k", k, ndim, last=(FEAT_DIM,), allow_empty=allow_empty)
+    tensor(op, "v", v, ndim, last=(VALUE_DIM,), allow_empty=allow_empty)
     shape(op, "k", k, q.shape)
     shape(op, "v", v, (*q.shape[:-1], VALUE_DIM))
     same_device(op, "q", q, k=k, v=v)
@@ -99,3 +102,46 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
         names = " or ".join(str(d) for d in cuda_dtypes)
         raise TypeError(f"{op}: {name} dtype must be {names} on CUDA, got {S.dtype}")
     return S, z
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """An index tensor's values can be checked on the host unless torch.compile is tracing or a CUDA graph is
+    being captured (where reading them would sync); the kernels then guard memory on the device instead."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def cu_seqlens(op: str, cu, T: int, device: torch.device) -> tuple[int, int | None]:
+    """cu_seqlens (n + 1,) int32 on `device`: 0, non-decreasing, ending at T (values checked on the host where
+    values_checkable). Returns n and the longest sequence (None where the values were not read)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{op}: cu_seqlens must be int32, got {cu.dtype}")
+    if cu.device != device:
+        raise TypeError(f"{op}: cu_seqlens must be on the inputs' device {device}, got {cu.device}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must be 1-D of shape (n + 1,), n >= 0, got {tuple(cu.shape)}")
+    if not values_checkable(cu):
+        return cu.numel() - 1, None
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {vals[0]}")
+    drop = next((i for i in range(1, len(vals)) if vals[i] < vals[i - 1]), None)
+    if drop is not None:
+        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got cu_seqlens[{drop - 1}] = {vals[drop - 1]} "
+                         f"> cu_seqlens[{drop}] = {vals[drop]}")
+    if vals[-1] != T:
+        raise ValueError(f"{op}: cu_seqlens[-1] must equal the packed length T = {T} (q.shape[2]), got {vals[-1]}")
+    return len(vals) - 1, max((b - a for a, b in zip(vals, vals[1:])), default=0)
+
+
+def seqlen_bound(op: str, max_seqlen, longest: int | None) -> int:
+    """max_seqlen: an int >= 1 and >= the longest sequence (when its length is known on the host)."""
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        raise TypeError(f"{op}: max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 1 or (longest is not None and max_seqlen < longest):
+        floor = max(1, longest or 0)
+        raise ValueError(f"{op}: max_seqlen must be >= the longest sequence ({floor}), got {max_seqlen}")
+    return int(max_seqlen)

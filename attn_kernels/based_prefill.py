@@ -11,8 +11,9 @@ from .limits import COMPACT_FEATURES, FEAT_DIM, VALUE_DIM
 OP = "based_prefill"
 
 
-def _empty_outputs(q, v, return_state):
-    B, H = q.shape[:2]
+def _empty_outputs(q, v, return_state, cu_seqlens=None):
+    B = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1  # sequences
+    H = q.shape[1]
     sd = compute_dtype(q.dtype)  # the state keeps the reference's precision: float32, float64 stays
     if return_state:
         return (torch.empty_like(v), q.new_empty(B, H, COMPACT_FEATURES, v.shape[-1], dtype=sd),
@@ -20,13 +21,17 @@ def _empty_outputs(q, v, return_state):
     return torch.empty_like(v), q.new_empty(0, dtype=sd), q.new_empty(0, dtype=sd)
 
 
-def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state):
+def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0):
     """The PyTorch reference (chunked form) behind the op: the CPU kernel, in float32 (float64 stays)."""
     ct = compute_dtype(q.dtype)
     init = None if S0 is None else (S0.to(ct), z0.to(ct))
-    o_ref, (S_ref, z_ref) = reference.based_chunked(q.to(ct), k.to(ct), v.to(ct), scale=scale,
-                                                    normalize=normalize, eps=eps, initial_state=init)
-    o, S, z = _empty_outputs(q, v, return_state)
+    if cu_seqlens is None:
+        o_ref, (S_ref, z_ref) = reference.based_chunked(q.to(ct), k.to(ct), v.to(ct), scale=scale,
+                                                        normalize=normalize, eps=eps, initial_state=init)
+    else:
+        o_ref, (S_ref, z_ref) = reference.based_varlen(q.to(ct), k.to(ct), v.to(ct), cu_seqlens, scale=scale,
+                                                       normalize=normalize, eps=eps, initial_state=init)
+    o, S, z = _empty_outputs(q, v, return_state, cu_seqlens)
     o.copy_(o_ref)
     if return_state:
         S.copy_(S_ref)
@@ -34,15 +39,17 @@ def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state):
     return o, S, z
 
 
-def _fake(q, k, v, scale, normalize, eps, S0, z0, return_state):
-    return _empty_outputs(q, v, return_state)
+def _fake(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0):
+    return _empty_outputs(q, v, return_state, cu_seqlens)
 
 
 define_op(OP, "(Tensor q, Tensor k, Tensor v, float scale, bool normalize, float eps, Tensor? S0, Tensor? z0, "
-              "bool return_state) -> (Tensor, Tensor, Tensor)", cpu=_reference_impl, fake=_fake)
+              "bool return_state, Tensor? cu_seqlens=None, int max_seqlen=0) -> (Tensor, Tensor, Tensor)",
+          cpu=_reference_impl, fake=_fake)
 
 
-def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_state=None, return_state=False):
+def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_state=None, return_state=False,
+                  cu_seqlens=None, max_seqlen=None):
     """Causal Based linear attention with the 2nd-order Taylor feature map.
 
     Args:
@@ -53,23 +60,40 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
         normalize: divide by the running sum of weights (default) or return the numerator alone.
         eps: added to the denominator; finite, >= 0.
         initial_state: optional (S0 (B, H, 153, 64), z0 (B, H, 153)) float32 (or bfloat16) state to
-            continue from, e.g. the state an earlier call returned (chunked prefill).
+            continue from, e.g. the state an earlier call returned (chunked prefill); (n, ...) with cu_seqlens.
         return_state: also return the state after the last token.
+        cu_seqlens: varlen batches: (n + 1,) int32 on the inputs' device, 0 = cu_seqlens[0] <= ... <=
+            cu_seqlens[n] = T. q, k, v are then (1, H, T, .): n sequences packed along the token axis,
+            sequence i = tokens [cu_seqlens[i], cu_seqlens[i+1]) (empty ones allowed), each computed as if
+            alone (FlashAttention's and fla's convention; a (T, H, D) tensor as a (1, H, T, D) view is read
+            in place). Its values are checked on the host except under CUDA-graph capture or torch.compile.
+        max_seqlen: with cu_seqlens, optional: an int >= the longest sequence (helps the launch: without
+            it the kernel plans for T). Under capture a smaller value leaves later tokens uncomputed.
 
     Returns:
         o (B, H, N, 64) in the input dtype, laid out like v; with return_state, ``(o, (S, z))`` where
         S (B, H, 153, 64) and z (B, H, 153) are float32 (float64 for float64 CPU inputs), the compact
-        state that ``based_decode`` takes.
+        state that ``based_decode`` takes; (n, H, 153, 64) and (n, H, 153) with cu_seqlens.
     """
-    check.based_qkv(OP, q, k, v, ndim=4)
+    check.based_qkv(OP, q, k, v, ndim=4, allow_empty=cu_seqlens is not None)
     scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(FEAT_DIM))
     check.flag(OP, "normalize", normalize)
     eps = check.positive_float(OP, "eps", eps, allow_zero=True)
     check.flag(OP, "return_state", return_state)
+    B, H = q.shape[:2]
+    bound = 0
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"{OP}: with cu_seqlens, q, k, v must be packed as (1, H, T, .), got B = {B}")
+        B, longest = check.cu_seqlens(OP, cu_seqlens, q.shape[2], q.device)
+        if max_seqlen is not None:
+            bound = check.seqlen_bound(OP, max_seqlen, longest)
+    elif max_seqlen is not None:
+        raise ValueError(f"{OP}: max_seqlen is for varlen batches: pass it with cu_seqlens, got {max_seqlen!r}")
     S0 = z0 = None
     if initial_state is not None:
-        B, H = q.shape[:2]
         cuda_dtypes = (torch.float32, torch.bfloat16)
         S0, z0 = check.state_pair(OP, "initial_state", initial_state, B, H, VALUE_DIM, q.device, cuda_dtypes)
-    o, S, z = torch.ops.attn_kernels.based_prefill(q, k, v, scale, normalize, eps, S0, z0, return_state)
+    o, S, z = torch.ops.attn_kernels.based_prefill(q, k, v, scale, normalize, eps, S0, z0, return_state,
+                                                   cu_seqlens, bound)
     return (o, (S, z)) if return_state else o

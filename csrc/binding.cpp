@@ -48,17 +48,27 @@ void copy_strides(const at::Tensor& t, std::initializer_list<int64_t*> fields) {
 // Output in the layout of `like` when that layout is dense (a (B,N,H,e) view stays (B,N,H,e) in memory).
 at::Tensor output_like(const at::Tensor& like) { return at::empty_like(like); }
 
+// Dense: q, k (B, H, N, 16). Varlen (cu_seqlens (n + 1,) int32): n sequences packed in one batch entry,
+// q, k (1, H, T, 16); states per sequence. max_seqlen: a bound on the longest sequence, 0 = not given (T).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale, bool normalize,
-    double eps, const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, bool return_state) {
+    double eps, const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, bool return_state,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == kFeatDim && k_in.sizes() == q_in.sizes(),
               "based_prefill: q, k must be (B, H, N, 16)");
   TORCH_CHECK(v_in.dim() == 4 && v_in.size(3) == kValueDim && v_in.sizes().slice(0, 3) == q_in.sizes().slice(0, 3),
               "based_prefill: v must be (B, H, N, 64)");
   TORCH_CHECK(S0.has_value() == z0.has_value(), "based_prefill: S0 and z0 go together");
+  const bool varlen = cu_seqlens.has_value();
+  TORCH_CHECK(!varlen || (q_in.size(0) == 1 && cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1 &&
+                          cu_seqlens->scalar_type() == at::kInt && cu_seqlens->device() == q_in.device()),
+              "based_prefill: cu_seqlens must be (n + 1,) int32 on q's device, with B = 1");
   const at::Tensor q = vector_friendly(q_in), k = vector_friendly(k_in), v = vector_friendly(v_in);
-  const int B = q.size(0), H = q.size(1), N = q.size(2);
+  const int64_t T = q.size(2);
+  // Sequences (B) and the bound on their length (N).
+  const int B = varlen ? int(cu_seqlens->numel() - 1) : int(q.size(0)), H = q.size(1);
+  const int N = varlen ? int(max_seqlen > 0 ? std::min<int64_t>(max_seqlen, T) : T) : int(T);
   at::Tensor o = output_like(v_in);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor S = return_state ? at::empty({B, H, kCompactFeatures, kValueDim}, f32) : at::empty({0}, f32);
@@ -71,10 +81,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
     z0c = z0->to(at::kFloat).contiguous();
     TORCH_CHECK(S0c.numel() == int64_t(B) * H * kCompactFeatures * kValueDim &&
                     z0c.numel() == int64_t(B) * H * kCompactFeatures,
-                "based_prefill: initial state must be (B, H, 153, 64) and (B, H, 153)");
+                "based_prefill: initial state must be (B, H, 153, 64) and (B, H, 153) (B = n when varlen)");
   }
+  // Nothing to compute: no sequences or no heads; or no rows at all, where only states are returned.
+  if (int64_t(B) * H == 0) return {o, S, z};
+  if (T == 0 && !varlen) return {o, S, z};
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const size_t ws_bytes = based_prefill_workspace_bytes(B, H, N, num_sms);
+  const size_t ws_bytes = based_prefill_workspace_bytes(B, H, std::max(N, 1), num_sms, varlen);
   at::Tensor ws = at::empty({int64_t(ws_bytes)}, q.options().dtype(at::kByte));
 
   BasedPrefillParams p{};
@@ -90,7 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
   p.S = return_state ? S.data_ptr<float>() : nullptr;
   p.z = return_state ? z.data_ptr<float>() : nullptr;
   p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
-  p.B = B; p.H = H; p.N = N;
+  p.cu_seqlens = varlen ? cu_seqlens->data_ptr<int32_t>() : nullptr;
+  p.total = T;
+  p.B = B; p.H = H; p.N = std::max(N, 1);
   p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
   p.dtype = dtype_of(q);
   p.num_sms = num_sms;

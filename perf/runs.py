@@ -17,7 +17,8 @@ REPO_DIR = PERF_DIR.parent
 BASELINES = PERF_DIR / "baselines"
 
 OURS = ("attn_kernels", "based")  # implementation names of this package's kernels (based: the Based mixer)
-SHAPE_KEYS = (("B", "B"), ("H", "H"), ("N", "N"), ("ctx", "ctx"), ("window", "W"), ("e", "e"))
+SHAPE_KEYS = (("B", "B"), ("n", "n"), ("H", "H"), ("N", "N"), ("T", "T"), ("longest", "longest"), ("ctx", "ctx"),
+              ("window", "W"), ("e", "e"))
 MACHINE_KEYS = (("torch_version", "torch"), ("cuda_version", "CUDA"), ("driver_version", "driver"),
                 ("cudnn_version", "cuDNN"), ("triton_version", "Triton"), ("fla_version", "fla"))
 FLOOR_TEXT = f"max(bytes / {HBM_BYTES_PER_S / 1e12:.1f} TB/s, FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s)"

@@ -30,6 +30,16 @@ def prefill_args(device, init=True, return_state=True):
     return (q, k, v, 0.25, True, 1e-6, S0, z0, return_state)
 
 
+def prefill_varlen_args(device):
+    """Three packed sequences (30, 0, 40 tokens) with per-sequence initial states and a length bound."""
+    dt = _dtype(device)
+    q, k = (torch.randn(1, 3, 70, 16, device=device, dtype=dt) for _ in range(2))
+    v = torch.randn(1, 3, 70, 64, device=device, dtype=dt)
+    cu = torch.tensor([0, 30, 30, 70], dtype=torch.int32, device=device)
+    S0, z0 = torch.rand(3, 3, 153, 64, device=device), torch.rand(3, 3, 153, device=device) + 1
+    return (q, k, v, 0.25, True, 1e-6, S0, z0, True, cu, 40)
+
+
 def decode_args(device):
     dt = _dtype(device)
     return (torch.randn(2, 3, 16, device=device, dtype=dt), torch.randn(2, 3, 16, device=device, dtype=dt),
@@ -48,6 +58,7 @@ def swd_args(device):
 @pytest.mark.parametrize("op,make", [
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
     pytest.param("based_prefill", lambda d: prefill_args(d, init=False, return_state=False), id="based_prefill-plain"),
+    pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
 ])
@@ -133,6 +144,7 @@ KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the prof
 @requires_cuda
 @pytest.mark.parametrize("op,make", [
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
+    pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
 ])

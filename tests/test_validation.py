@@ -83,6 +83,57 @@ PREFILL = [
     ("state-int", dict(initial_state=(S_OK.int(), Z_OK)), TypeError, ["initial_state[0] (S).dtype must be a floating"]),
 ]
 
+def good_varlen():
+    """Three sequences (2, 0 and 5 tokens) packed along T = 7."""
+    return dict(q=torch.randn(1, H, 7, 16), k=torch.randn(1, H, 7, 16), v=torch.randn(1, H, 7, 64),
+                cu_seqlens=torch.tensor([0, 2, 2, 7], dtype=torch.int32))
+
+
+def _cu(*vals, dtype=torch.int32):
+    return torch.tensor(vals, dtype=dtype)
+
+
+VARLEN = [
+    ("cu-int64", dict(cu_seqlens=_cu(0, 2, 2, 7, dtype=torch.int64)), TypeError,
+     ["cu_seqlens must be int32", "torch.int64"]),
+    ("cu-list", dict(cu_seqlens=[0, 2, 2, 7]), TypeError, ["cu_seqlens must be a torch.Tensor", "list"]),
+    ("cu-rank2", dict(cu_seqlens=_cu(0, 2, 2, 7).view(2, 2)), ValueError,
+     ["cu_seqlens must be 1-D of shape (n + 1,)", "(2, 2)"]),
+    ("cu-empty", dict(cu_seqlens=_cu()), ValueError, ["cu_seqlens must be 1-D of shape (n + 1,)", "(0,)"]),
+    ("cu-start", dict(cu_seqlens=_cu(1, 2, 2, 7)), ValueError, ["cu_seqlens[0] must be 0", "got 1"]),
+    ("cu-decreasing", dict(cu_seqlens=_cu(0, 3, 2, 7)), ValueError,
+     ["cu_seqlens must be non-decreasing", "cu_seqlens[1] = 3 > cu_seqlens[2] = 2"]),
+    ("cu-last", dict(cu_seqlens=_cu(0, 2, 2, 6)), ValueError,
+     ["cu_seqlens[-1] must equal the packed length T = 7", "got 6"]),
+    ("cu-B2", dict(q=torch.randn(2, H, 7, 16), k=torch.randn(2, H, 7, 16), v=torch.randn(2, H, 7, 64)),
+     ValueError, ["packed as (1, H, T, .)", "B = 2"]),
+    ("max-seqlen-short", dict(max_seqlen=4), ValueError, ["max_seqlen must be >= the longest sequence (5)", "got 4"]),
+    ("max-seqlen-float", dict(max_seqlen=5.0), TypeError, ["max_seqlen must be an int", "float"]),
+    ("max-seqlen-zero", dict(max_seqlen=0), ValueError, ["max_seqlen must be >= the longest sequence", "got 0"]),
+    ("state-per-sequence", dict(initial_state=(torch.zeros(1, H, 153, 64), torch.zeros(1, H, 153))), ValueError,
+     ["initial_state[0] (S).shape must be (3, 3, 153, 64)", "(1, 3, 153, 64)"]),
+]
+
+
+@pytest.mark.parametrize("override,exc,words", [pytest.param(*c[1:], id=c[0]) for c in VARLEN])
+def test_based_prefill_varlen_rejects(override, exc, words):
+    _check(ak.based_prefill, good_varlen, override, exc, words)
+
+
+def test_based_prefill_max_seqlen_needs_cu_seqlens():
+    _check(ak.based_prefill, good_prefill, dict(max_seqlen=5), ValueError, ["max_seqlen is for varlen batches"])
+
+
+def test_based_prefill_varlen_accepts_empty_batches():
+    """n = 0 (cu_seqlens = [0]) and all-empty sequences (T = 0) are valid: no rows, states as given."""
+    q, k, v = torch.randn(1, H, 0, 16), torch.randn(1, H, 0, 16), torch.randn(1, H, 0, 64)
+    o, (S, z) = ak.based_prefill(q, k, v, cu_seqlens=_cu(0), return_state=True)
+    assert o.shape == (1, H, 0, 64) and S.shape == (0, H, 153, 64) and z.shape == (0, H, 153)
+    init = (torch.rand(2, H, 153, 64), torch.rand(2, H, 153))
+    o, (S, z) = ak.based_prefill(q, k, v, cu_seqlens=_cu(0, 0, 0), initial_state=init, return_state=True)
+    assert torch.equal(S, init[0]) and torch.equal(z, init[1])
+
+
 DECODE = [
     ("q-rank4", dict(q=t(B, H, 1, 16)), ValueError, ["q must have 3 dimensions", "got 4"]),
     ("q-d15", dict(q=t(B, H, 15)), ValueError, ["q.shape[-1] must be 16", "got 15"]),

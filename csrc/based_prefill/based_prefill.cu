@@ -21,6 +21,9 @@
 // hi + lo and hi.hi + hi.lo + lo.hi are accumulated in float32 (~16-bit operands; lo.lo is below the
 // float32 rounding).
 //
+// Varlen (cu_seqlens): a CTA per (sequence, head), the longest sequences launched first (varlen.cuh);
+// segments are cut from the bound N on every sequence's length, and the empty ones do no work.
+//
 // Small B*H: the sequence is cut into segments. Pass 1 (kStateOnly) writes each segment's own
 // state contribution to the workspace, a scan turns them into prefix sums, and pass 2 starts
 // segment s from S0 + prefix[s-1]. The last segment writes the final state.
@@ -34,6 +37,7 @@
 //   fragments.cuh    mma.sync / wgmma atoms, their register fragments, where the state lives in them
 //   feature_map.cuh  phi of one token row into a phi tile (the compact order of common/feature_order.h)
 //   intra_chunk.cuh  W, the chunk's causal Taylor-kernel matrix, and the denominator's intra-chunk sums
+//   varlen.cuh       which rows a CTA walks (dense or varlen) and the varlen launch order kernel
 //   kernel.cuh       based_prefill_kernel (the phases above, top to bottom)
 //   scan.cuh         the segment scan kernel (split sequences)
 //   heuristics.h     the split-sequence decision and its workspace
@@ -46,13 +50,14 @@
 #include "config.cuh"
 #include "heuristics.h"
 #include "kernel.cuh"
+#include "varlen.cuh"
 #include "scan.cuh"
 
 namespace attn_kernels {
 namespace {
 
 template <typename T>
-cudaError_t launch_typed(const BasedPrefillParams& p, Split sp, cudaStream_t stream) {
+cudaError_t launch_typed(const BasedPrefillParams& p, Split sp, const int32_t* order, cudaStream_t stream) {
   constexpr int smem = kSmemBytes<T>;
   const int64_t bh = int64_t(p.B) * p.H;
   auto full = based_prefill_kernel<T, false>;
@@ -62,29 +67,43 @@ cudaError_t launch_typed(const BasedPrefillParams& p, Split sp, cudaStream_t str
     auto part = based_prefill_kernel<T, true>;
     err = cudaFuncSetAttribute(part, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
-    part<<<dim3(unsigned(bh), sp.nseg - 1), Cfg::kThreads, smem, stream>>>(p, sp.nseg,
-                                                                           sp.seg_chunks);
+    part<<<dim3(unsigned(bh), sp.nseg - 1), Cfg::kThreads, smem, stream>>>(p, sp.nseg, sp.seg_chunks, order);
     if (sp.nseg > 2 && !AK_MUTANT(prefill_scan_skipped)) {
       const int64_t n = bh * (Cfg::kWsFloats / 4);
       based_prefill_scan_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(
           static_cast<float4*>(p.workspace), bh, sp.nseg - 1);
     }
   }
-  full<<<dim3(unsigned(bh), sp.nseg), Cfg::kThreads, smem, stream>>>(p, sp.nseg, sp.seg_chunks);
+  full<<<dim3(unsigned(bh), sp.nseg), Cfg::kThreads, smem, stream>>>(p, sp.nseg, sp.seg_chunks, order);
   return cudaGetLastError();
 }
 
+// The varlen launch order (B ints) follows the split's partial states in the workspace.
+size_t order_bytes(int B, bool varlen) { return varlen ? size_t(B) * sizeof(int32_t) : 0; }
+
 }  // namespace
 
-size_t based_prefill_workspace_bytes(int B, int H, int N, int num_sms) {
-  return workspace_bytes(B, H, choose_split(B, H, N, num_sms));
+size_t based_prefill_workspace_bytes(int B, int H, int N, int num_sms, bool varlen) {
+  return workspace_bytes(B, H, choose_split(B, H, N, num_sms)) + order_bytes(B, varlen);
 }
 
 cudaError_t based_prefill_launch(const BasedPrefillParams& p, cudaStream_t stream) {
-  if (!is_io_dtype(p.dtype) || p.B < 0 || p.H < 0 || p.N < 0) return cudaErrorInvalidValue;
+  if (!is_io_dtype(p.dtype) || p.B < 1 || p.H < 1 || p.N < 1) return cudaErrorInvalidValue;
+  const bool varlen = p.cu_seqlens != nullptr;
+  if (varlen && p.workspace == nullptr) return cudaErrorInvalidValue;  // the order lives there
   Split sp = choose_split(p.B, p.H, p.N, p.num_sms);
   if (p.workspace == nullptr) sp = {1, (p.N + Cfg::kChunk - 1) / Cfg::kChunk};  // unsplit fallback
-  return p.dtype == DType::kFloat16 ? launch_typed<__half>(p, sp, stream) : launch_typed<bf16>(p, sp, stream);
+  const size_t split_bytes = sp.nseg > 1 ? workspace_bytes(p.B, p.H, sp) : 0;
+  int32_t* order = nullptr;
+  BasedPrefillParams kp = p;
+  if (varlen) {  // one packed batch entry: b indexes sequences, whose rows start at cu_seqlens[b]
+    kp.q_sb = kp.k_sb = kp.v_sb = kp.o_sb = 0;
+    order = reinterpret_cast<int32_t*>(static_cast<char*>(p.workspace) + split_bytes);
+    based_prefill_order_kernel<<<unsigned((p.B + kOrderThreads - 1) / kOrderThreads), kOrderThreads, 0, stream>>>(
+        p.cu_seqlens, p.B, p.total, order);
+  }
+  return p.dtype == DType::kFloat16 ? launch_typed<__half>(kp, sp, order, stream)
+                                    : launch_typed<bf16>(kp, sp, order, stream);
 }
 
 }  // namespace attn_kernels

@@ -20,13 +20,14 @@
 #include "feature_map.cuh"
 #include "fragments.cuh"
 #include "intra_chunk.cuh"
+#include "varlen.cuh"
 
 namespace attn_kernels {
 namespace {
 
 template <typename T, bool kStateOnly>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
-    based_prefill_kernel(const BasedPrefillParams p, const int nseg, const int seg_chunks) {
+    based_prefill_kernel(const BasedPrefillParams p, const int nseg, const int seg_chunks, const int32_t* order) {
   using namespace cute;
   using A = Atoms<T>;
   constexpr bool kSplit = Smem<T>::kSplit;
@@ -39,18 +40,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;    // mma fragment coordinates
   const int lj = lane >> 3, lr = lane & 7;  // ldmatrix / stmatrix: which 8x8 matrix, which row of it
-  const int bh = blockIdx.x, seg = blockIdx.y;
-  const int b = bh / p.H, h = bh % p.H;
+  const CtaRows rows = cta_rows(p, order);  // varlen: this CTA's sequence, longest first
+  const int b = rows.b, h = rows.h, bh = b * p.H + h, seg = blockIdx.y;
 
+  // Tokens [t_begin, t_end) of the sequence (an empty range where a varlen sequence ends before seg).
   const int64_t t_begin = int64_t(seg) * seg_chunks * Cfg::kChunk;
-  const int64_t t_end = min(int64_t(p.N), t_begin + int64_t(seg_chunks) * Cfg::kChunk);
+  const int64_t t_end = max(t_begin, min(rows.len, t_begin + int64_t(seg_chunks) * Cfg::kChunk));
   const int nchunks = AK_MUTANT(prefill_tail_dropped) ? int((t_end - t_begin) / Cfg::kChunk)
                                                      : int((t_end - t_begin + Cfg::kChunk - 1) / Cfg::kChunk);
 
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  T* og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+  // Varlen: the launcher zeroes the batch strides (one packed batch entry) and rows.row0 is the start.
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + rows.row0 * p.q_sn;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + rows.row0 * p.k_sn;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + rows.row0 * p.v_sn;
+  const int64_t o_row0 = AK_MUTANT(prefill_varlen_out_row) ? 0 : rows.row0;
+  T* og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + o_row0 * p.o_sn;
   float* ws = static_cast<float*>(p.workspace);
   const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
   const float c2 = (AK_MUTANT(prefill_quad_scale) ? 1.f : 0.5f) * p.scale * p.scale;
@@ -364,7 +368,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     }
   };
 
-  issue_loads(0);
+  if (nchunks > 0) issue_loads(0);  // an empty varlen segment leaves no copy in flight at exit
   for (int c = 0; c < nchunks; ++c) {
     const int st = c & 1;
     const int64_t t0 = t_begin + int64_t(c) * Cfg::kChunk;

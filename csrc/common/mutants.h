@@ -18,6 +18,8 @@
 #define AK_MUTANT_prefill_quad_scale 9     // the s^2 / 2 term computed with c^2 instead of c^2 / 2
 #define AK_MUTANT_prefill_den_inter_ks 10  // den from earlier chunks misses the linear term c q.sum(k)
 #define AK_MUTANT_prefill_missing_barrier 11  // no barrier between building phi / W and the wgmma that read them
+#define AK_MUTANT_prefill_varlen_len 40    // varlen: a sequence runs to the length bound, into the next sequence
+#define AK_MUTANT_prefill_varlen_out_row 41  // varlen: o written at sequence-relative rows (start ignored)
 // based_decode
 #define AK_MUTANT_decode_z_not_updated 12  // z is not written back
 #define AK_MUTANT_decode_read_before_update 13  // o reads the state before this token's update
