@@ -13,15 +13,17 @@ from .limits import COMPACT_FEATURES, FEAT_DIM, VALUE_DIM
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def tensor(op: str, name: str, t, ndim: int, last: Sequence[int] | None = None) -> torch.Tensor:
-    """t is a floating tensor of rank ndim, no empty dimension, last dim in `last` (if given), stride 1."""
+def tensor(op: str, name: str, t, ndim: int, last: Sequence[int] | None = None,
+           allow_empty: bool = False) -> torch.Tensor:
+    """t is a floating tensor of rank ndim, no empty dimension (unless allow_empty), last dim in `last` (if
+    given), stride 1."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
     if not t.is_floating_point():
         raise TypeError(f"{op}: {name}.dtype must be a floating dtype, got {t.dtype}")
-    if t.numel() == 0:
+    if t.numel() == 0 and not allow_empty:
         raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(t.shape)}")
     if last is not None and t.shape[-1] not in last:
         want = last[0] if len(last) == 1 else f"one of {tuple(last)}"
@@ -99,3 +101,53 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
         names = " or ".join(str(d) for d in cuda_dtypes)
         raise TypeError(f"{op}: {name} dtype must be {names} on CUDA, got {S.dtype}")
     return S, z
+
+
+# ---- index tensors (cu_seqlens, cache_indices): device data; values checked on the host when possible ----
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """Values can be checked on the host unless tracing or capturing a CUDA graph (where a read would sync)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def index_tensor(op: str, name: str, t, length: int | None, device: torch.device) -> torch.Tensor:
+    """A 1-D int32 tensor on `device` (of `length` entries, if given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{op}: {name}.dtype must be torch.int32, got {t.dtype}")
+    if t.device != device:
+        raise TypeError(f"{op}: {name} must be on the inputs' device {device}, got {t.device}")
+    if t.dim() != 1 or (length is not None and t.shape[0] != length):
+        want = f"({length},)" if length is not None else "1-D"
+        raise ValueError(f"{op}: {name}.shape must be {want}, got {tuple(t.shape)}")
+    return t
+
+
+def cu_seqlens_values(op: str, cu: torch.Tensor, total: int) -> int:
+    """cu_seqlens starts at 0, is non-decreasing and ends at `total`; returns the longest sequence."""
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {vals[0]}")
+    lengths = [b - a for a, b in zip(vals, vals[1:])]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {vals[i]} > "
+                         f"cu_seqlens[{i + 1}] = {vals[i + 1]}")
+    if vals[-1] != total:
+        raise ValueError(f"{op}: cu_seqlens[-1] must equal the packed length T = {total}, got {vals[-1]}")
+    return max(lengths, default=0)
+
+
+def pool_indices_values(op: str, name: str, idx: torch.Tensor, pool_rows: int) -> None:
+    """Entries in [-1, pool_rows), no pool row named twice (-1, padding, may repeat)."""
+    vals = idx.tolist()
+    bad = [x for x in vals if not -1 <= x < pool_rows]
+    if bad:
+        raise ValueError(f"{op}: {name} entries must be in [-1, {pool_rows}) (-1 = padding), got {bad[0]}")
+    used = [x for x in vals if x >= 0]
+    if len(set(used)) != len(used):
+        dup = next(x for x in used if used.count(x) > 1)
+        raise ValueError(f"{op}: {name} names pool row {dup} more than once")
