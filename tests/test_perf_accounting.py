@@ -51,7 +51,7 @@ def test_extra_info_has_exactly_the_issue_keys():
 # the registry: every op module's IMPLS, and the ids / params / extra_info they produce
 # --------------------------------------------------------------------------------------------------
 OP_MODULES = ["test_perf_based_prefill", "test_perf_based_decode", "test_perf_sliding_window_decode",
-              "test_perf_based_generation"]
+              "test_perf_based_generation", "test_perf_sliding_window_prefill"]
 
 
 def _op_module(name):
@@ -119,6 +119,8 @@ _PREFILL_IMPLS = ["attn_kernels-norm", "attn_kernels-num", "torch-norm", "torch_
                   "fla_parallel-norm", "fla_fused_chunk-norm", "fla_fused_recurrent-norm"]
 NEW_IDS = ({_PREFILL_ID.format(f"thunderkittens-num-{s}") for s in _PREFILL_SHAPES + _NEW_PREFILL_SHAPES}
            | {_PREFILL_ID.format(f"{i}-{s}") for i in _PREFILL_IMPLS for s in _NEW_PREFILL_SHAPES})
+# sliding_window_prefill (issue 17) is newer than every stored baseline: all of its ids.
+SWP_IDS = {fullname for fullname, *_ in _cases("test_perf_sliding_window_prefill")}
 
 
 def test_collected_ids_cover_the_newest_baseline():
@@ -132,14 +134,15 @@ def test_collected_ids_cover_the_newest_baseline():
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
     cases = {fullname: (params, impl, shape, op) for name in OP_MODULES
              for fullname, params, impl, shape, op in _cases(name)}
-    assert len(NEW_IDS) == 23 and NEW_IDS <= set(collected)
-    assert sorted(collected) == sorted(cases) and len(collected) == len(set(collected)) == 124 + len(NEW_IDS)
+    assert len(NEW_IDS) == 23 and NEW_IDS <= set(collected) and len(SWP_IDS) == 36 and SWP_IDS <= set(collected)
+    assert sorted(collected) == sorted(cases)
+    assert len(collected) == len(set(collected)) == 124 + len(NEW_IDS) + len(SWP_IDS)
     for path in _newest_baselines():
         baseline = json.loads(path.read_text())
         stored = {b["fullname"]: b for b in baseline["benchmarks"]}
         assert not sorted(set(stored) - set(collected)), f"{path.name}: ids the suite no longer has"
         extra = sorted(set(collected) - set(stored))
-        assert all(gate.impl_of(n) == "flash_attn" or n in NEW_IDS for n in extra), extra
+        assert all(gate.impl_of(n) == "flash_attn" or n in NEW_IDS | SWP_IDS for n in extra), extra
         for fullname, b in stored.items():
             params, impl, shape, op = cases[fullname]
             assert b["params"] == params, fullname

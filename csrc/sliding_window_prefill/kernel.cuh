@@ -43,17 +43,17 @@ __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
   return uint32_t(row * (kE * 2) + ((chunk ^ (row & 7)) << 4));
 }
 
-// Rows [r0, r0 + 64) of a (., e) matrix (row stride sn) into a swizzled tile; rows outside [lo, hi)
-// are zero-filled and not read (other sequences, past the end).
+// Rows [r0, r0 + 64) of a (., e) matrix (row stride sn) into a swizzled tile; rows from `hi` on (past
+// the sequence's end) are zero-filled and not read. r0 < hi, and r0 is never before the sequence.
 template <typename T, int kE>
-__device__ __forceinline__ void load_tile(uint32_t tile, const T* g, int64_t sn, int r0, int lo, int hi) {
+__device__ __forceinline__ void load_tile(uint32_t tile, const T* g, int64_t sn, int r0, int hi) {
   using C = SwpCfg<kE>;
 #pragma unroll
   for (int i = 0; i < C::kLoadsPerThread; ++i) {
     const int c = threadIdx.x + i * C::kThreads;
     const int r = c / C::kChunks, ch = c % C::kChunks;
     const int n = r0 + r;
-    const bool ok = n >= lo && n < hi;
+    const bool ok = n < hi;
     cp_async16(tile + tile_off<kE>(r, ch), g + int64_t(ok ? n : r0) * sn + ch * 8, ok);
   }
 }
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
   }
 
   const int W = p.window;
-  // Keys before `first_key` belong to an earlier sequence (varlen) or do not exist.
+  // Keys before the sequence's start belong to an earlier sequence (varlen): no tile reaches them.
   const int first_key = AK_MUTANT(swp_varlen_boundary) ? 0 : start;
   const int reach = AK_MUTANT(swp_window_off_by_one) ? W + 1 : W;  // keys per query, itself included
   const int k_lo = max(first_key, i0 - reach + 1);
@@ -116,11 +116,11 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
   // Tiles are visited last (the diagonal) to first; tile 0 holds the window's oldest keys.
   const int t_end = (AK_MUTANT(swp_tile_skipped) && ntiles > 1) ? 1 : 0;
 
-  load_tile<T, kE>(sQ, qg, p.q_sn, i0, start, end);
+  load_tile<T, kE>(sQ, qg, p.q_sn, i0, end);
   {
     const int r0 = k_lo + (ntiles - 1) * C::kBlockN;
-    load_tile<T, kE>(sK, kg, p.k_sn, r0, first_key, end);
-    load_tile<T, kE>(sV, vg, p.v_sn, r0, first_key, end);
+    load_tile<T, kE>(sK, kg, p.k_sn, r0, end);
+    load_tile<T, kE>(sV, vg, p.v_sn, r0, end);
   }
   cp_async_commit();
 
@@ -132,8 +132,8 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
   for (int t = ntiles - 1, buf = 0; t >= t_end; --t, buf ^= 1) {
     if (t > t_end) {  // prefetch the next tile (one key block lower) into the other buffer
       const int r0 = k_lo + (t - 1) * C::kBlockN;
-      load_tile<T, kE>(sK + (buf ^ 1) * C::kTileBytes, kg, p.k_sn, r0, first_key, end);
-      load_tile<T, kE>(sV + (buf ^ 1) * C::kTileBytes, vg, p.v_sn, r0, first_key, end);
+      load_tile<T, kE>(sK + (buf ^ 1) * C::kTileBytes, kg, p.k_sn, r0, end);
+      load_tile<T, kE>(sV + (buf ^ 1) * C::kTileBytes, vg, p.v_sn, r0, end);
     }
     cp_async_commit();
     cp_async_wait<1>();  // this tile (and Q) landed; the prefetch may still be in flight
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
       }
     }
 
-    // Mask (window, causality, sequence start), scale, online softmax.
+    // Mask (causality, window; every key of a tile is >= k_lo >= start), scale, online softmax.
     const int kt0 = k_lo + t * C::kBlockN;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int kj = kt0 + 8 * j + 2 * tq + e;
-          const bool ok = kj <= qi && kj > qi - reach && kj >= first_key;
+          const bool ok = kj <= qi && kj > qi - reach;
           s[j][2 * r + e] = ok ? s[j][2 * r + e] * sl : -INFINITY;
           mx = fmaxf(mx, s[j][2 * r + e]);
         }
