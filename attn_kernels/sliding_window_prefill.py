@@ -93,6 +93,8 @@ def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window=64, scale=None, 
                 raise ValueError(f"{OP}: max_seqlen must be >= the longest sequence {longest}, got {max_seqlen}")
             max_len = longest
 
+    if nseq > 65535 or H > 65535:  # the launch grid's y (heads) and z (sequences)
+        raise ValueError(f"{OP}: at most 65535 sequences and 65535 heads, got {nseq} sequences and {H} heads")
     check.tensor(OP, "k_cache", k_cache, 4, allow_empty=True)  # n = 0 sequences: 0 rows
     check.tensor(OP, "v_cache", v_cache, 4, allow_empty=True)
     rows = k_cache.shape[0] if cache_indices is not None else nseq
