@@ -104,37 +104,65 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
     return S, z
 
 
-def values_checkable(t: torch.Tensor) -> bool:
-    """An index tensor's values can be checked on the host unless torch.compile is tracing or a CUDA graph is
-    being captured (where reading them would sync); the kernels then guard memory on the device instead."""
+# ---- index tensors (cu_seqlens, cache_indices): device data; values checked on the host when possible ----
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """Values can be checked on the host unless tracing or capturing a CUDA graph (where a read would sync)."""
     if torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def cu_seqlens(op: str, cu, T: int, device: torch.device) -> tuple[int, int | None]:
-    """cu_seqlens (n + 1,) int32 on `device`: 0, non-decreasing, ending at T (values checked on the host where
-    values_checkable). Returns n and the longest sequence (None where the values were not read)."""
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{op}: cu_seqlens must be int32, got {cu.dtype}")
-    if cu.device != device:
-        raise TypeError(f"{op}: cu_seqlens must be on the inputs' device {device}, got {cu.device}")
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{op}: cu_seqlens must be 1-D of shape (n + 1,), n >= 0, got {tuple(cu.shape)}")
-    if not values_checkable(cu):
-        return cu.numel() - 1, None
+def index_tensor(op: str, name: str, t, length: int | None, device: torch.device) -> torch.Tensor:
+    """A 1-D int32 tensor on `device` (of `length` entries, if given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{op}: {name}.dtype must be torch.int32, got {t.dtype}")
+    if t.device != device:
+        raise TypeError(f"{op}: {name} must be on the inputs' device {device}, got {t.device}")
+    if t.dim() != 1 or (length is not None and t.shape[0] != length):
+        want = f"({length},)" if length is not None else "1-D"
+        raise ValueError(f"{op}: {name}.shape must be {want}, got {tuple(t.shape)}")
+    return t
+
+
+def cu_seqlens_values(op: str, cu: torch.Tensor, total: int) -> int:
+    """cu_seqlens starts at 0, is non-decreasing and ends at `total`; returns the longest sequence."""
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{op}: cu_seqlens[0] must be 0, got {vals[0]}")
-    drop = next((i for i in range(1, len(vals)) if vals[i] < vals[i - 1]), None)
-    if drop is not None:
-        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got cu_seqlens[{drop - 1}] = {vals[drop - 1]} "
-                         f"> cu_seqlens[{drop}] = {vals[drop]}")
-    if vals[-1] != T:
-        raise ValueError(f"{op}: cu_seqlens[-1] must equal the packed length T = {T} (q.shape[2]), got {vals[-1]}")
-    return len(vals) - 1, max((b - a for a, b in zip(vals, vals[1:])), default=0)
+    lengths = [b - a for a, b in zip(vals, vals[1:])]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {vals[i]} > "
+                         f"cu_seqlens[{i + 1}] = {vals[i + 1]}")
+    if vals[-1] != total:
+        raise ValueError(f"{op}: cu_seqlens[-1] must equal the packed length T = {total}, got {vals[-1]}")
+    return max(lengths, default=0)
+
+
+def pool_indices_values(op: str, name: str, idx: torch.Tensor, pool_rows: int) -> None:
+    """Entries in [-1, pool_rows), no pool row named twice (-1, padding, may repeat)."""
+    vals = idx.tolist()
+    bad = [x for x in vals if not -1 <= x < pool_rows]
+    if bad:
+        raise ValueError(f"{op}: {name} entries must be in [-1, {pool_rows}) (-1 = padding), got {bad[0]}")
+    used = [x for x in vals if x >= 0]
+    if len(set(used)) != len(used):
+        dup = next(x for x in used if used.count(x) > 1)
+        raise ValueError(f"{op}: {name} names pool row {dup} more than once")
+
+
+def cu_seqlens(op: str, cu, T: int, device: torch.device) -> tuple[int, int | None]:
+    """cu_seqlens (n + 1,) int32 on `device` (n >= 0), values checked on the host where can_read_values.
+    Returns n and the longest sequence (None where the values were not read)."""
+    index_tensor(op, "cu_seqlens", cu, None, device)
+    if cu.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens.shape must be (n + 1,) with n >= 0, got {tuple(cu.shape)}")
+    if not can_read_values(cu):
+        return cu.numel() - 1, None
+    return cu.numel() - 1, cu_seqlens_values(op, cu, T)
 
 
 def seqlen_bound(op: str, max_seqlen, longest: int | None) -> int:

@@ -10,11 +10,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <initializer_list>
 
 #include "based_decode/based_decode.h"
 #include "based_prefill/based_prefill.h"
 #include "sliding_window_decode/sliding_window_decode.h"
+#include "sliding_window_prefill/sliding_window_prefill.h"
 
 namespace attn_kernels {
 namespace {
@@ -181,6 +183,57 @@ at::Tensor sliding_window_decode_cuda(const at::Tensor& q_in, const at::Tensor& 
   return o;
 }
 
+at::Tensor sliding_window_prefill_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                       at::Tensor& k_cache, at::Tensor& v_cache, double scale,
+                                       const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                       const std::optional<at::Tensor>& cache_indices) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
+              "sliding_window_prefill: q, k, v must be (B, H, N, e) of one shape");
+  const int B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), e = q_in.size(3);
+  const int nseq = cu_seqlens.has_value() ? int(cu_seqlens->numel()) - 1 : B;
+  TORCH_CHECK(!cu_seqlens.has_value() || (B == 1 && nseq >= 0 && cu_seqlens->scalar_type() == at::kInt &&
+                                          cu_seqlens->is_cuda() && cu_seqlens->dim() == 1),
+              "sliding_window_prefill: cu_seqlens must be an (n + 1,) int32 CUDA tensor with B = 1");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == H &&
+                  k_cache.size(3) == e && k_cache.scalar_type() == q_in.scalar_type() &&
+                  v_cache.scalar_type() == q_in.scalar_type(),
+              "sliding_window_prefill: caches must be (rows, H, window, e) in q's dtype");
+  TORCH_CHECK(cache_indices.has_value() ? (cache_indices->scalar_type() == at::kInt && cache_indices->is_cuda() &&
+                                           cache_indices->numel() == nseq)
+                                        : k_cache.size(0) == nseq,
+              "sliding_window_prefill: cache_indices must be an (n,) int32 CUDA tensor, or the caches have one "
+              "row per sequence");
+  // The caches are written in place, so they cannot be copied to fix their alignment.
+  TORCH_CHECK(vector_friendly(k_cache).data_ptr() == k_cache.data_ptr() &&
+                  vector_friendly(v_cache).data_ptr() == v_cache.data_ptr(),
+              "sliding_window_prefill: caches must be 16-byte aligned with strides that are multiples of 16 bytes");
+  const at::Tensor q = vector_friendly(q_in), k = vector_friendly(k_in), v = vector_friendly(v_in);
+  const at::Tensor cu = cu_seqlens.has_value() ? cu_seqlens->contiguous() : at::Tensor();
+  const at::Tensor idx = cache_indices.has_value() ? cache_indices->contiguous() : at::Tensor();
+  at::Tensor o = output_like(q_in);
+
+  SlidingWindowPrefillParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  copy_strides(q, {&p.q_sb, &p.q_sh, &p.q_sn});
+  copy_strides(k, {&p.k_sb, &p.k_sh, &p.k_sn});
+  copy_strides(v, {&p.v_sb, &p.v_sh, &p.v_sn});
+  p.o = o.data_ptr();
+  copy_strides(o, {&p.o_sb, &p.o_sh, &p.o_sn});
+  p.k_cache = k_cache.data_ptr(); p.v_cache = v_cache.data_ptr();
+  copy_strides(k_cache, {&p.kc_sb, &p.kc_sh, &p.kc_sw});
+  copy_strides(v_cache, {&p.vc_sb, &p.vc_sh, &p.vc_sw});
+  p.cu_seqlens = cu_seqlens.has_value() ? cu.data_ptr<int32_t>() : nullptr;
+  p.cache_indices = cache_indices.has_value() ? idx.data_ptr<int32_t>() : nullptr;
+  p.nseq = nseq; p.H = H; p.N = N;
+  p.max_len = cu_seqlens.has_value() ? int(std::min<int64_t>(max_seqlen < 0 ? N : max_seqlen, N)) : N;
+  p.rows = k_cache.size(0); p.window = k_cache.size(2); p.e = e;
+  p.scale = float(scale);
+  p.dtype = dtype_of(q);
+  C10_CUDA_CHECK(sliding_window_prefill_launch(p, at::cuda::getCurrentCUDAStream()));
+  return o;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attn_kernels, CUDA, m) {
@@ -189,6 +242,7 @@ TORCH_LIBRARY_IMPL(attn_kernels, CUDA, m) {
 #if !AK_MUTANT(binding_op_missing)
   m.impl("sliding_window_decode", &sliding_window_decode_cuda);
 #endif
+  m.impl("sliding_window_prefill", &sliding_window_prefill_cuda);
 }
 
 }  // namespace attn_kernels

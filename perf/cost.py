@@ -43,6 +43,15 @@ def sliding_window_cost(B: int, H: int, W: int, e: int, *, itemsize: int = 2) ->
     return nbytes, flops
 
 
+def sliding_window_prefill_cost(B: int, H: int, N: int, W: int, e: int, *, itemsize: int = 2) -> tuple[int, int]:
+    """q, k, v read once, o written once, and the ring fill: the last min(N, W) keys and values written to the
+    caches (their reads are L2 hits of the same kernel). FLOPs: 4 * N * min(W, N) * e per head (q.k and p.v
+    over a full window for every query; the first W - 1 queries see fewer keys, so this is an upper bound)."""
+    nbytes = B * H * N * e * 4 * itemsize + B * H * min(N, W) * e * 2 * itemsize
+    flops = 4 * B * H * N * min(W, N) * e
+    return nbytes, flops
+
+
 def softmax_decode_cost(B: int, H: int, ctx: int, e: int, *, itemsize: int = 2) -> tuple[int, int]:
     """K and V of the whole context read once, q read, o written; FLOPs as sliding_window_cost."""
     nbytes = B * H * ctx * e * 2 * itemsize + B * H * e * 2 * itemsize

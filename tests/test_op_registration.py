@@ -54,6 +54,16 @@ def swd_args(device):
             torch.tensor([3, 40], dtype=torch.int32, device=device), 0.125)
 
 
+def swp_args(device, varlen=False):
+    dt = _dtype(device)
+    q, k, v = (torch.randn(1 if varlen else 2, 3, 70, 64, device=device, dtype=dt) for _ in range(3))
+    rows = 3 if varlen else 2
+    kc, vc = (torch.randn(rows, 3, 16, 64, device=device, dtype=dt) for _ in range(2))
+    cu = torch.tensor([0, 20, 20, 70], dtype=torch.int32, device=device) if varlen else None
+    idx = torch.tensor([2, -1, 0], dtype=torch.int32, device=device) if varlen else None
+    return (q, k, v, kc, vc, 0.125, cu, 70, idx)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,make", [
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
@@ -61,6 +71,8 @@ def swd_args(device):
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
+    pytest.param("sliding_window_prefill", swp_args, id="sliding_window_prefill"),
+    pytest.param("sliding_window_prefill", lambda d: swp_args(d, varlen=True), id="sliding_window_prefill-varlen"),
 ])
 def test_opcheck(op, make, device):
     torch.library.opcheck(getattr(torch.ops.attn_kernels, op).default, make(device))
@@ -72,6 +84,8 @@ def test_schemas_declare_in_place_mutation():
     prefill = torch.ops.attn_kernels.based_prefill.default._schema
     assert [a.name for a in decode.arguments if a.is_write] == ["S", "z"]
     assert [a.name for a in swd.arguments if a.is_write] == ["k_cache", "v_cache"]
+    swp = torch.ops.attn_kernels.sliding_window_prefill.default._schema
+    assert [a.name for a in swp.arguments if a.is_write] == ["k_cache", "v_cache"]
     assert not any(a.is_write for a in prefill.arguments)
 
 
@@ -138,6 +152,7 @@ KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the prof
     "based_prefill": "based_prefill_kernel",
     "based_decode": "based_decode_kernel",
     "sliding_window_decode": "sliding_window_decode_kernel",
+    "sliding_window_prefill": "sliding_window_prefill_kernel",
 }
 
 
@@ -147,6 +162,7 @@ KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the prof
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
+    pytest.param("sliding_window_prefill", swp_args, id="sliding_window_prefill"),
 ])
 def test_each_op_runs_its_kernel(op, make):
     """The profiler sees the op's own kernel run: fails if anything else (e.g. PyTorch ops) served it."""
@@ -177,7 +193,8 @@ def test_python_limits_equal_the_kernels_limits():
 
 
 def test_every_op_is_declared_once_with_schema_cpu_and_fake():
-    assert sorted(_library.OPS) == ["based_decode", "based_prefill", "sliding_window_decode"]
+    assert sorted(_library.OPS) == ["based_decode", "based_prefill", "sliding_window_decode",
+                                   "sliding_window_prefill"]
     for name in _library.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "Meta"), name

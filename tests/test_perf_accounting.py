@@ -51,7 +51,9 @@ def test_extra_info_has_exactly_the_issue_keys():
 # the registry: every op module's IMPLS, and the ids / params / extra_info they produce
 # --------------------------------------------------------------------------------------------------
 OP_MODULES = ["test_perf_based_prefill", "test_perf_based_prefill_varlen", "test_perf_based_decode",
-              "test_perf_sliding_window_decode", "test_perf_based_generation"]
+              "test_perf_sliding_window_decode", "test_perf_based_generation", "test_perf_sliding_window_prefill"]
+# Modules newer than every stored baseline: all of their ids are new.
+NEW_MODULES = ["test_perf_based_prefill_varlen", "test_perf_sliding_window_prefill"]
 
 
 def _op_module(name):
@@ -117,12 +119,10 @@ _PREFILL_SHAPES = ["B16-H16-N1024", "B16-H16-N2048", "B16-H16-N4096", "B16-H16-N
 _NEW_PREFILL_SHAPES = ["B1-H16-N65536", "B2-H32-N8192"]
 _PREFILL_IMPLS = ["attn_kernels-norm", "attn_kernels-num", "torch-norm", "torch_compile-norm",
                   "fla_parallel-norm", "fla_fused_chunk-norm", "fla_fused_recurrent-norm"]
-_VARLEN_ID = "perf/test_perf_based_prefill_varlen.py::test_perf_based_prefill_varlen[{}-n64-H16-T97015-bf16]"
-# Ids newer than some GPU's newest baseline (H200's 0004 predates all of them, H100's 0002 the varlen ones).
+# Ids newer than some GPU's newest baseline (H200's 0004 predates all of them, H100's 0002 NEW_MODULES').
 NEW_IDS = ({_PREFILL_ID.format(f"thunderkittens-num-{s}") for s in _PREFILL_SHAPES + _NEW_PREFILL_SHAPES}
            | {_PREFILL_ID.format(f"{i}-{s}") for i in _PREFILL_IMPLS for s in _NEW_PREFILL_SHAPES}
-           | {_VARLEN_ID.format(i) for i in ("attn_kernels-varlen", "attn_kernels-dense", "attn_kernels-padded",
-                                             "fla_chunk-varlen")})
+           | {fullname for name in NEW_MODULES for fullname, *_ in _cases(name)})
 
 
 def test_collected_ids_cover_the_newest_baseline():
@@ -136,14 +136,14 @@ def test_collected_ids_cover_the_newest_baseline():
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
     cases = {fullname: (params, impl, shape, op) for name in OP_MODULES
              for fullname, params, impl, shape, op in _cases(name)}
-    assert len(NEW_IDS) == 27 and NEW_IDS <= set(collected)
+    assert len(NEW_IDS) == 23 + 4 + 36 and NEW_IDS <= set(collected)
     assert sorted(collected) == sorted(cases) and len(collected) == len(set(collected)) == 124 + len(NEW_IDS)
     for path in _newest_baselines():
         baseline = json.loads(path.read_text())
         stored = {b["fullname"]: b for b in baseline["benchmarks"]}
         assert not sorted(set(stored) - set(collected)), f"{path.name}: ids the suite no longer has"
         extra = sorted(set(collected) - set(stored))
-        assert all(gate.impl_of(n) == "flash_attn" or n in NEW_IDS for n in extra), extra
+        assert all(gate.impl_of(n) == "flash_attn" or n in NEW_IDS | SWP_IDS for n in extra), extra
         for fullname, b in stored.items():
             params, impl, shape, op = cases[fullname]
             assert b["params"] == params, fullname

@@ -41,3 +41,17 @@ def test_sliding_window_decode(W, e, positions):
     o = ak.sliding_window_decode(q, kn, vn, k_cache, v_cache, pos, window=W)
     torch.cuda.synchronize()
     assert_written("o", o)
+
+
+@pytest.mark.parametrize("N,W,e,varlen", [(65, 16, 64, False), (1000, 256, 128, False), (300, 64, 64, True)],
+                         ids=["N65-W16-e64", "N1000-W256-e128", "varlen-W64-e64"])
+def test_sliding_window_prefill(N, W, e, varlen):
+    H = 3
+    B = 1 if varlen else 2
+    q, k, v = (torch.randn(B, N, H, e, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    cu = torch.tensor([0, 70, 70, N], dtype=torch.int32, device="cuda") if varlen else None
+    rows = 3 if varlen else B
+    k_cache, v_cache = (torch.randn(rows, H, W, e, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o = ak.sliding_window_prefill(q, k, v, k_cache, v_cache, window=W, cu_seqlens=cu)
+    torch.cuda.synchronize()
+    assert_written("o", o)

@@ -95,11 +95,11 @@ def _cu(*vals, dtype=torch.int32):
 
 VARLEN = [
     ("cu-int64", dict(cu_seqlens=_cu(0, 2, 2, 7, dtype=torch.int64)), TypeError,
-     ["cu_seqlens must be int32", "torch.int64"]),
+     ["cu_seqlens.dtype must be torch.int32", "torch.int64"]),
     ("cu-list", dict(cu_seqlens=[0, 2, 2, 7]), TypeError, ["cu_seqlens must be a torch.Tensor", "list"]),
     ("cu-rank2", dict(cu_seqlens=_cu(0, 2, 2, 7).view(2, 2)), ValueError,
-     ["cu_seqlens must be 1-D of shape (n + 1,)", "(2, 2)"]),
-    ("cu-empty", dict(cu_seqlens=_cu()), ValueError, ["cu_seqlens must be 1-D of shape (n + 1,)", "(0,)"]),
+     ["cu_seqlens.shape must be 1-D", "(2, 2)"]),
+    ("cu-empty", dict(cu_seqlens=_cu()), ValueError, ["cu_seqlens.shape must be (n + 1,) with n >= 0", "(0,)"]),
     ("cu-start", dict(cu_seqlens=_cu(1, 2, 2, 7)), ValueError, ["cu_seqlens[0] must be 0", "got 1"]),
     ("cu-decreasing", dict(cu_seqlens=_cu(0, 3, 2, 7)), ValueError,
      ["cu_seqlens must be non-decreasing", "cu_seqlens[1] = 3 > cu_seqlens[2] = 2"]),

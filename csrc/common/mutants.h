@@ -32,6 +32,13 @@
 #define AK_MUTANT_swd_position_wrap 19     // slot = p & (W - 1) instead of p mod W
 #define AK_MUTANT_swd_negative_position 20  // a negative position is not refused on the device
 #define AK_MUTANT_swd_scale_ignored 21     // scores not multiplied by the scale
+// sliding_window_prefill
+#define AK_MUTANT_swp_window_off_by_one 25  // each query attends W + 1 keys (i - W .. i)
+#define AK_MUTANT_swp_tile_skipped 26      // the oldest key tile of a block's window is not visited
+#define AK_MUTANT_swp_ring_slot 27         // the ring fill writes position p into slot (p + 1) % W
+#define AK_MUTANT_swp_varlen_boundary 28   // keys of the previous packed sequence are attended
+#define AK_MUTANT_swp_fully_masked_nan 29  // a row whose keys so far are all masked gives NaN (no -inf guard)
+#define AK_MUTANT_swp_bad_index_computed 30  // an out-of-range cache index gives computed outputs, not NaN
 // the binding (csrc/binding.cpp)
 #define AK_MUTANT_binding_v_stride 22      // v's head stride taken from a contiguous layout
 #define AK_MUTANT_binding_state_dtype 23   // a bfloat16 initial state dropped (read as zeros)

@@ -1,0 +1,244 @@
+// sliding_window_prefill, part of sliding_window_prefill.cu (included there only): the kernel.
+//
+// One CTA per (query block of 64, head, sequence), 4 warps of 16 query rows each (FlashAttention-2's
+// forward with mma.sync m16n8k16). Query block [i0, i0 + 63] of a sequence starting at `start` needs
+// keys [k_lo, i0 + 63] with k_lo = max(start, i0 - W + 1): the CTA visits exactly those keys, in tiles
+// of 64 starting at k_lo (at most ceil((W + 63) / 64) tiles), so work and reads per query are O(W).
+// K / V tiles go through shared memory with cp.async (double-buffered) and are read with ldmatrix
+// (V transposed); Q stays in registers. Softmax is online, in float32, in log2 units (scale * log2(e)
+// folded into one multiply before exp2f). Masked scores are -inf; a row whose keys so far are all
+// masked exponentiates against 0 instead of its -inf running max (exp2(-inf - -inf) would be NaN).
+// The output tile is staged in shared memory and written with 16-byte stores, rows past the end of
+// the sequence never. The CTAs whose queries include the sequence's last W positions then copy those
+// keys and values (L2-resident: just loaded) into the ring buffers at slot p % W.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "../common/convert.h"
+#include "../common/mma.h"
+#include "../common/ptx.h"
+#include "sliding_window_prefill.h"
+
+namespace attn_kernels {
+namespace {
+
+template <int kE>
+struct SwpCfg {
+  static constexpr int kBlockM = 64;  // queries per CTA, 16 per warp
+  static constexpr int kBlockN = 64;  // keys per tile
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kChunks = kE / 8;                   // 16-byte chunks per row
+  static constexpr int kTileBytes = kBlockN * kE * 2;      // one 64-row tile of fp16 / bf16
+  static constexpr int kSmemBytes = 5 * kTileBytes;        // Q (then O), K x 2, V x 2
+  static constexpr int kLoadsPerThread = kBlockN * kChunks / kThreads;
+  static constexpr int kMinBlocks = kE == 64 ? 4 : 2;      // by shared memory (40 / 80 KB a CTA)
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile: the chunk index is XORed with row & 7,
+// so the 8 rows that one ldmatrix matrix reads at one logical chunk fall in 8 different bank groups.
+template <int kE>
+__device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
+  return uint32_t(row * (kE * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// Rows [r0, r0 + 64) of a (., e) matrix (row stride sn) into a swizzled tile; rows from `hi` on (past
+// the sequence's end) are zero-filled and not read. r0 < hi, and r0 is never before the sequence.
+template <typename T, int kE>
+__device__ __forceinline__ void load_tile(uint32_t tile, const T* g, int64_t sn, int r0, int hi) {
+  using C = SwpCfg<kE>;
+#pragma unroll
+  for (int i = 0; i < C::kLoadsPerThread; ++i) {
+    const int c = threadIdx.x + i * C::kThreads;
+    const int r = c / C::kChunks, ch = c % C::kChunks;
+    const int n = r0 + r;
+    const bool ok = n < hi;
+    cp_async16(tile + tile_off<kE>(r, ch), g + int64_t(ok ? n : r0) * sn + ch * 8, ok);
+  }
+}
+
+template <typename T, int kE>
+__global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
+    sliding_window_prefill_kernel(const SlidingWindowPrefillParams p) {
+  using C = SwpCfg<kE>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int seq = blockIdx.z, h = blockIdx.y;
+  int start = 0, end = p.N;
+  if (p.cu_seqlens != nullptr) {
+    start = p.cu_seqlens[seq];
+    end = p.cu_seqlens[seq + 1];
+  }
+  const int i0 = start + int(blockIdx.x) * C::kBlockM;  // this CTA's first query
+  if (i0 >= end) return;                                 // past this sequence (varlen grid, max_len)
+  const int q_hi = min(i0 + C::kBlockM, end);            // one past its last query
+  const int b = p.cu_seqlens != nullptr ? 0 : seq;
+  const int cache_row = p.cache_indices != nullptr ? p.cache_indices[seq] : seq;
+  // An index outside [-1, rows) (only possible under graph capture): no fill, NaN outputs.
+  const bool bad_row = (cache_row < -1 || cache_row >= p.rows) && !AK_MUTANT(swp_bad_index_computed);
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  T* og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const uint32_t sQ = saddr(smem), sK = sQ + C::kTileBytes, sV = sK + 2 * C::kTileBytes;
+
+  // Output staging (the Q tile's place; each warp reuses only its own 16 rows) and the 16-byte stores.
+  uint8_t* sO = smem;
+  auto store_rows = [&]() {
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 16 * C::kChunks / 32; ++i) {
+      const int c = lane + 32 * i;
+      const int r = 16 * warp + c / C::kChunks, ch = c % C::kChunks;
+      const int n = i0 + r;
+      if (n < q_hi)
+        *reinterpret_cast<uint4*>(og + int64_t(n) * p.o_sn + ch * 8) =
+            *reinterpret_cast<const uint4*>(sO + tile_off<kE>(r, ch));
+    }
+  };
+
+  if (bad_row) {
+    for (int c = lane; c < 16 * C::kChunks; c += 32)
+      *reinterpret_cast<uint4*>(sO + tile_off<kE>(16 * warp + c / C::kChunks, c % C::kChunks)) =
+          make_uint4(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu);  // NaN in fp16 and bf16
+    store_rows();
+    return;
+  }
+
+  const int W = p.window;
+  // Keys before the sequence's start belong to an earlier sequence (varlen): no tile reaches them.
+  const int first_key = AK_MUTANT(swp_varlen_boundary) ? 0 : start;
+  const int reach = AK_MUTANT(swp_window_off_by_one) ? W + 1 : W;  // keys per query, itself included
+  const int k_lo = max(first_key, i0 - reach + 1);
+  const int ntiles = (q_hi - k_lo + C::kBlockN - 1) / C::kBlockN;
+  // Tiles are visited last (the diagonal) to first; tile 0 holds the window's oldest keys.
+  const int t_end = (AK_MUTANT(swp_tile_skipped) && ntiles > 1) ? 1 : 0;
+
+  load_tile<T, kE>(sQ, qg, p.q_sn, i0, end);
+  {
+    const int r0 = k_lo + (ntiles - 1) * C::kBlockN;
+    load_tile<T, kE>(sK, kg, p.k_sn, r0, end);
+    load_tile<T, kE>(sV, vg, p.v_sn, r0, end);
+  }
+  cp_async_commit();
+
+  const float sl = p.scale * 1.4426950408889634f;  // scores in log2 units
+  uint32_t qf[kE / 16][4];
+  float oacc[kE / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
+
+  for (int t = ntiles - 1, buf = 0; t >= t_end; --t, buf ^= 1) {
+    if (t > t_end) {  // prefetch the next tile (one key block lower) into the other buffer
+      const int r0 = k_lo + (t - 1) * C::kBlockN;
+      load_tile<T, kE>(sK + (buf ^ 1) * C::kTileBytes, kg, p.k_sn, r0, end);
+      load_tile<T, kE>(sV + (buf ^ 1) * C::kTileBytes, vg, p.v_sn, r0, end);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile (and Q) landed; the prefetch may still be in flight
+    __syncthreads();
+    if (t == ntiles - 1) {
+#pragma unroll
+      for (int kc = 0; kc < kE / 16; ++kc) ldsm4(qf[kc], sQ + tile_off<kE>(16 * warp + lane % 16, 2 * kc + lane / 16));
+    }
+    const uint32_t tK = sK + buf * C::kTileBytes, tV = sV + buf * C::kTileBytes;
+
+    // S = Q K^T: 8 n-tiles of 8 keys.
+    float s[8][4] = {};
+#pragma unroll
+    for (int kc = 0; kc < kE / 16; ++kc) {
+#pragma unroll
+      for (int pp = 0; pp < 4; ++pp) {
+        uint32_t kb[4];
+        ldsm4(kb, tK + tile_off<kE>(16 * pp + lane % 8 + (lane / 16) * 8, 2 * kc + (lane / 8) % 2));
+        mma_16816<T>(s[2 * pp], qf[kc], kb[0], kb[1]);
+        mma_16816<T>(s[2 * pp + 1], qf[kc], kb[2], kb[3]);
+      }
+    }
+
+    // Mask (causality, window; every key of a tile is >= k_lo >= start), scale, online softmax.
+    const int kt0 = k_lo + t * C::kBlockN;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int qi = i0 + 16 * warp + g + 8 * r;
+      float mx = m[r];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int kj = kt0 + 8 * j + 2 * tq + e;
+          const bool ok = kj <= qi && kj > qi - reach;
+          s[j][2 * r + e] = ok ? s[j][2 * r + e] * sl : -INFINITY;
+          mx = fmaxf(mx, s[j][2 * r + e]);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = (mx == -INFINITY && !AK_MUTANT(swp_fully_masked_nan)) ? 0.f : mx;
+      const float alpha = exp2f(m[r] - base);
+      m[r] = mx;
+      l[r] *= alpha;
+#pragma unroll
+      for (int n = 0; n < kE / 8; ++n) {
+        oacc[n][2 * r] *= alpha;
+        oacc[n][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[j][2 * r + e] = exp2f(s[j][2 * r + e] - base);
+          l[r] += s[j][2 * r + e];
+        }
+      }
+    }
+
+    // O += P V: P's accumulators repacked as A fragments, V read transposed.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int pp = 0; pp < kE / 16; ++pp) {
+        uint32_t vb[4];
+        ldsm4_t(vb, tV + tile_off<kE>(16 * kk + lane % 8 + ((lane / 8) % 2) * 8, 2 * pp + lane / 16));
+        mma_16816<T>(oacc[2 * pp], pa, vb[0], vb[1]);
+        mma_16816<T>(oacc[2 * pp + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it
+  }
+
+  // o = O / l (rows past the end have l = 0 and are not stored).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const int row = 16 * warp + g + 8 * r;
+#pragma unroll
+    for (int n = 0; n < kE / 8; ++n)
+      sts32(sQ + tile_off<kE>(row, n) + 4 * tq, pack2<T>(oacc[n][2 * r] * inv, oacc[n][2 * r + 1] * inv));
+  }
+  store_rows();
+
+  // The ring fill: positions p in [max(0, len - W), len) of this block, into slot p % W.
+  if (cache_row < 0 || cache_row >= p.rows) return;  // -1 (or, under a mutant, out of range): no fill
+  const int f_lo = max(i0, end - W);
+  const int nfill = (q_hi - f_lo) * C::kChunks;
+  T* kc = static_cast<T*>(p.k_cache) + cache_row * p.kc_sb + h * p.kc_sh;
+  T* vc = static_cast<T*>(p.v_cache) + cache_row * p.vc_sb + h * p.vc_sh;
+  for (int c = threadIdx.x; c < nfill; c += C::kThreads) {
+    const int n = f_lo + c / C::kChunks, ch = c % C::kChunks;
+    const int slot = (n - start + (AK_MUTANT(swp_ring_slot) ? 1 : 0)) % W;
+    const uint4 kx = *reinterpret_cast<const uint4*>(kg + int64_t(n) * p.k_sn + ch * 8);
+    const uint4 vx = *reinterpret_cast<const uint4*>(vg + int64_t(n) * p.v_sn + ch * 8);
+    *reinterpret_cast<uint4*>(kc + int64_t(slot) * p.kc_sw + ch * 8) = kx;
+    *reinterpret_cast<uint4*>(vc + int64_t(slot) * p.vc_sw + ch * 8) = vx;
+  }
+}
+
+}  // namespace
+}  // namespace attn_kernels
