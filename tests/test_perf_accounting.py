@@ -143,7 +143,7 @@ def test_collected_ids_cover_the_newest_baseline():
         stored = {b["fullname"]: b for b in baseline["benchmarks"]}
         assert not sorted(set(stored) - set(collected)), f"{path.name}: ids the suite no longer has"
         extra = sorted(set(collected) - set(stored))
-        assert all(gate.impl_of(n) == "flash_attn" or n in NEW_IDS | SWP_IDS for n in extra), extra
+        assert all(gate.impl_of(n) == "flash_attn" or n in NEW_IDS for n in extra), extra
         for fullname, b in stored.items():
             params, impl, shape, op = cases[fullname]
             assert b["params"] == params, fullname
