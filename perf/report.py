@@ -26,7 +26,8 @@ from perf.runs import (BASELINES, FLOOR_TEXT, PERF_DIR, REPO_DIR, Bench, Run, ge
 
 NOISE_DIR = PERF_DIR / "noise"
 
-OP_ORDER = ("based_prefill", "based_prefill_varlen", "based_decode", "sliding_window_decode", "based_generation")
+OP_ORDER = ("based_prefill", "based_prefill_varlen", "based_decode", "sliding_window_decode", "sliding_window_prefill",
+            "based_generation")
 # Prefill is reported against its nominal FLOPs (the number published kernels quote); the decode-type ops
 # move a state or a cache and do little arithmetic, so they are reported in bytes per second.
 TFLOPS_OPS = ("based_prefill", "based_prefill_varlen")
