@@ -104,6 +104,19 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
     return S, z
 
 
+def state_pool(op: str, name: str, state, H: int, e: int, device: torch.device,
+               cuda_dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A state pool (S (P, H, 153, e), z (P, H, 153)) of one dtype on `device`, contiguous (written in place)."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{op}: {name} must be a tuple (S, z), got {type(state).__name__}")
+    P = tensor(op, f"{name}[0] (S)", state[0], 4).shape[0]
+    S, z = state_pair(op, name, state, P, H, e, device, cuda_dtypes)
+    for part, t in ((f"{name}[0] (S)", S), (f"{name}[1] (z)", z)):
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {part} must be contiguous (it is updated in place), got strides {t.stride()}")
+    return S, z
+
+
 # ---- index tensors (cu_seqlens, cache_indices): device data; values checked on the host when possible ----
 
 def can_read_values(t: torch.Tensor) -> bool:

@@ -21,10 +21,20 @@ def _empty_outputs(q, v, return_state, cu_seqlens=None):
     return torch.empty_like(v), q.new_empty(0, dtype=sd), q.new_empty(0, dtype=sd)
 
 
-def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0):
+def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0,
+                    pool_S=None, pool_z=None, state_indices=None):
     """The PyTorch reference (chunked form) behind the op: the CPU kernel, in float32 (float64 stays)."""
     ct = compute_dtype(q.dtype)
     init = None if S0 is None else (S0.to(ct), z0.to(ct))
+    if state_indices is not None:  # final states into pool slots, in place
+        o_ref, (S_new, z_new) = reference.based_prefill_to_pool(
+            q.to(ct), k.to(ct), v.to(ct), (pool_S.to(ct), pool_z.to(ct)), state_indices, cu_seqlens=cu_seqlens,
+            scale=scale, normalize=normalize, eps=eps, initial_state=init)
+        pool_S.copy_(S_new)
+        pool_z.copy_(z_new)
+        o, S, z = _empty_outputs(q, v, False, cu_seqlens)
+        o.copy_(o_ref)
+        return o, S, z
     if cu_seqlens is None:
         o_ref, (S_ref, z_ref) = reference.based_chunked(q.to(ct), k.to(ct), v.to(ct), scale=scale,
                                                         normalize=normalize, eps=eps, initial_state=init)
@@ -39,17 +49,19 @@ def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seq
     return o, S, z
 
 
-def _fake(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0):
+def _fake(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0, pool_S=None,
+          pool_z=None, state_indices=None):
     return _empty_outputs(q, v, return_state, cu_seqlens)
 
 
 define_op(OP, "(Tensor q, Tensor k, Tensor v, float scale, bool normalize, float eps, Tensor? S0, Tensor? z0, "
-              "bool return_state, Tensor? cu_seqlens=None, int max_seqlen=0) -> (Tensor, Tensor, Tensor)",
+              "bool return_state, Tensor? cu_seqlens=None, int max_seqlen=0, Tensor(a!)? pool_S=None, "
+              "Tensor(b!)? pool_z=None, Tensor? state_indices=None) -> (Tensor, Tensor, Tensor)",
           cpu=_reference_impl, fake=_fake)
 
 
 def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_state=None, return_state=False,
-                  cu_seqlens=None, max_seqlen=None):
+                  cu_seqlens=None, max_seqlen=None, state=None, state_indices=None):
     """Causal Based linear attention with the 2nd-order Taylor feature map.
 
     Args:
@@ -69,6 +81,13 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
             in place). Its values are checked on the host except under CUDA-graph capture or torch.compile.
         max_seqlen: with cu_seqlens, optional: an int >= the longest sequence (helps the launch: without
             it the kernel plans for T). Under capture a smaller value leaves later tokens uncomputed.
+        state, state_indices: write the final states into a state pool instead of returning them (serving:
+            prefill -> based_decode(..., state_indices=) with no copy). state = (S (P, H, 153, 64),
+            z (P, H, 153)) contiguous float32 or bfloat16, the pool based_decode takes; state_indices (B,)
+            (n with cu_seqlens) int32: sequence i's state goes to slot state_indices[i], -1 = not written.
+            Only written, never read (initial_state stays per sequence). Slots in [-1, P) and distinct
+            (checked on the host except under graph capture / torch.compile, where an out-of-range index
+            writes nothing and makes that sequence's outputs NaN). Not with return_state.
 
     Returns:
         o (B, H, N, 64) in the input dtype, laid out like v; with return_state, ``(o, (S, z))`` where
@@ -90,10 +109,21 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
             bound = check.seqlen_bound(OP, max_seqlen, longest)
     elif max_seqlen is not None:
         raise ValueError(f"{OP}: max_seqlen is for varlen batches: pass it with cu_seqlens, got {max_seqlen!r}")
+    cuda_dtypes = (torch.float32, torch.bfloat16)
     S0 = z0 = None
     if initial_state is not None:
-        cuda_dtypes = (torch.float32, torch.bfloat16)
         S0, z0 = check.state_pair(OP, "initial_state", initial_state, B, H, VALUE_DIM, q.device, cuda_dtypes)
+    pool_S = pool_z = None
+    if (state is None) != (state_indices is None):
+        raise ValueError(f"{OP}: state (a pool) and state_indices go together, got "
+                         f"{'state' if state is not None else 'state_indices'} alone")
+    if state is not None:
+        if return_state:
+            raise ValueError(f"{OP}: with a state pool the final states go into it: pass return_state=False")
+        pool_S, pool_z = check.state_pool(OP, "state", state, H, VALUE_DIM, q.device, cuda_dtypes)
+        check.index_tensor(OP, "state_indices", state_indices, B, q.device)
+        if check.can_read_values(state_indices):
+            check.pool_indices_values(OP, "state_indices", state_indices, pool_S.shape[0])
     o, S, z = torch.ops.attn_kernels.based_prefill(q, k, v, scale, normalize, eps, S0, z0, return_state,
-                                                   cu_seqlens, bound)
+                                                   cu_seqlens, bound, pool_S, pool_z, state_indices)
     return (o, (S, z)) if return_state else o

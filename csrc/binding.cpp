@@ -55,7 +55,8 @@ at::Tensor output_like(const at::Tensor& like) { return at::empty_like(like); }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale, bool normalize,
     double eps, const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, bool return_state,
-    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, const std::optional<at::Tensor>& pool_S,
+    const std::optional<at::Tensor>& pool_z, const std::optional<at::Tensor>& state_indices) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == kFeatDim && k_in.sizes() == q_in.sizes(),
               "based_prefill: q, k must be (B, H, N, 16)");
@@ -66,6 +67,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
   TORCH_CHECK(!varlen || (q_in.size(0) == 1 && cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1 &&
                           cu_seqlens->scalar_type() == at::kInt && cu_seqlens->device() == q_in.device()),
               "based_prefill: cu_seqlens must be (n + 1,) int32 on q's device, with B = 1");
+  const bool pooled = state_indices.has_value();
+  TORCH_CHECK(pooled == pool_S.has_value() && pooled == pool_z.has_value() && !(pooled && return_state),
+              "based_prefill: a state pool (pool_S, pool_z, state_indices) goes together, without return_state");
   const at::Tensor q = vector_friendly(q_in), k = vector_friendly(k_in), v = vector_friendly(v_in);
   const int64_t T = q.size(2);
   // Sequences (B) and the bound on their length (N).
@@ -84,6 +88,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
     TORCH_CHECK(S0c.numel() == int64_t(B) * H * kCompactFeatures * kValueDim &&
                     z0c.numel() == int64_t(B) * H * kCompactFeatures,
                 "based_prefill: initial state must be (B, H, 153, 64) and (B, H, 153) (B = n when varlen)");
+  }
+  if (pooled) {  // written in place: never copied, so the layout is checked here
+    const int64_t P = pool_S->size(0);
+    TORCH_CHECK(pool_S->is_contiguous() && pool_z->is_contiguous() && pool_S->dim() == 4 && pool_z->dim() == 3 &&
+                    pool_S->sizes() == at::IntArrayRef({P, H, kCompactFeatures, kValueDim}) &&
+                    pool_z->sizes() == at::IntArrayRef({P, H, kCompactFeatures}) &&
+                    pool_S->scalar_type() == pool_z->scalar_type() &&
+                    (pool_S->scalar_type() == at::kFloat || pool_S->scalar_type() == at::kBFloat16),
+                "based_prefill: the pool must be contiguous (P, H, 153, 64) and (P, H, 153), float32 or bfloat16");
+    TORCH_CHECK(state_indices->scalar_type() == at::kInt && state_indices->dim() == 1 &&
+                    state_indices->numel() == B && state_indices->device() == q_in.device(),
+                "based_prefill: state_indices must be (B,) int32 on q's device (B = n when varlen)");
   }
   // Nothing to compute: no sequences or no heads; or no rows at all, where only states are returned.
   if (int64_t(B) * H == 0) return {o, S, z};
@@ -106,6 +122,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
   p.z = return_state ? z.data_ptr<float>() : nullptr;
   p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
   p.cu_seqlens = varlen ? cu_seqlens->data_ptr<int32_t>() : nullptr;
+  p.state_indices = pooled ? state_indices->data_ptr<int32_t>() : nullptr;
+  p.pool_S = pooled ? pool_S->data_ptr() : nullptr;
+  p.pool_z = pooled ? pool_z->data_ptr() : nullptr;
+  p.pool_size = pooled ? int(pool_S->size(0)) : 0;
+  p.pool_bf16 = pooled && pool_S->scalar_type() == at::kBFloat16;
   p.total = T;
   p.B = B; p.H = H; p.N = std::max(N, 1);
   p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;

@@ -21,7 +21,7 @@
 // hi + lo and hi.hi + hi.lo + lo.hi are accumulated in float32 (~16-bit operands; lo.lo is below the
 // float32 rounding).
 //
-// Varlen (cu_seqlens): a CTA per (sequence, head), the longest sequences launched first (varlen.cuh);
+// Varlen (cu_seqlens): a CTA per (sequence, head), the longest sequences launched first (sequences.cuh);
 // segments are cut from the bound N on every sequence's length, and the empty ones do no work.
 //
 // Small B*H: the sequence is cut into segments. Pass 1 (kStateOnly) writes each segment's own
@@ -37,7 +37,8 @@
 //   fragments.cuh    mma.sync / wgmma atoms, their register fragments, where the state lives in them
 //   feature_map.cuh  phi of one token row into a phi tile (the compact order of common/feature_order.h)
 //   intra_chunk.cuh  W, the chunk's causal Taylor-kernel matrix, and the denominator's intra-chunk sums
-//   varlen.cuh       which rows a CTA walks (dense or varlen) and the varlen launch order kernel
+//   sequences.cuh    which rows a CTA walks (dense or varlen), the varlen launch order, where the final
+//                    state goes (returned, a pool slot or nowhere)
 //   kernel.cuh       based_prefill_kernel (the phases above, top to bottom)
 //   scan.cuh         the segment scan kernel (split sequences)
 //   heuristics.h     the split-sequence decision and its workspace
@@ -50,7 +51,7 @@
 #include "config.cuh"
 #include "heuristics.h"
 #include "kernel.cuh"
-#include "varlen.cuh"
+#include "sequences.cuh"
 #include "scan.cuh"
 
 namespace attn_kernels {

@@ -23,6 +23,14 @@ struct BasedPrefillParams {
   const float* z0;  // optional (B, H, 153) contiguous float32, or nullptr (both or neither)
   float* S;         // optional final state out (B, H, 153, 64) contiguous, or nullptr
   float* z;         // optional (B, H, 153), or nullptr (both or neither)
+  // Optional state pool instead of S/z: sequence b's final state goes to slot state_indices[b] of
+  // (pool_S (P, H, 153, 64), pool_z (P, H, 153)), contiguous, float32 or (pool_bf16) bfloat16. -1: not
+  // written; an index outside [-1, P): not written and NaN outputs for all of b's rows.
+  const int32_t* state_indices;
+  void* pool_S;
+  void* pool_z;
+  int pool_size;
+  bool pool_bf16;
   void* workspace;  // based_prefill_workspace_bytes(...) bytes of scratch, or nullptr if that is 0
   const int32_t* cu_seqlens;  // varlen: (B + 1,) sequence starts, or nullptr (dense)
   int64_t total;              // varlen: T, the packed rows

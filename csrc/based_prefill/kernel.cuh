@@ -20,7 +20,7 @@
 #include "feature_map.cuh"
 #include "fragments.cuh"
 #include "intra_chunk.cuh"
-#include "varlen.cuh"
+#include "sequences.cuh"
 
 namespace attn_kernels {
 namespace {
@@ -324,47 +324,55 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       // This warp's 16 values of 64 token rows: piece lane + 32i is row piece / 2, half piece % 2. All
       // four loads are issued before the first store (one shared-memory round trip, not four).
       uint4 piece[4];
+      // An out-of-range pool index: NaN outputs (read here, not kept live across the loop: a register).
+      const bool poison = pool_index_bad(p, b);
+      const uint4 nan8 = make_uint4(0x7fff7fffu, 0x7fff7fffu, 0x7fff7fffu, 0x7fff7fffu);  // fp16 / bf16 NaNs
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         piece[i] = *reinterpret_cast<const uint4*>(&sm.o[(lane >> 1) + 16 * i][16 * warp + 8 * (lane & 1)]);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t tok = t0 + (lane >> 1) + 16 * i;
-        if (tok < t_end) *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * (lane & 1)) = piece[i];
+        if (tok < t_end)
+          *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * (lane & 1)) = poison ? nan8 : piece[i];
       }
     }
   };
   auto write_state = [&]() {
-    float* dst_S = nullptr;
-    float* dst_z = nullptr;
+    StateDst dst{nullptr, nullptr, false};
     if constexpr (kStateOnly) {  // this segment's own contribution: S^T in fragment order, z
-      float* dst = ws + (int64_t(bh) * (nseg - 1) + seg) * Cfg::kWsFloats;
+      float* part = ws + (int64_t(bh) * (nseg - 1) + seg) * Cfg::kWsFloats;
 #pragma unroll
       for (int n = 0; n < Cfg::kNT; ++n)
-        reinterpret_cast<float4*>(dst)[(warp * Cfg::kNT + n) * 32 + lane] =
+        reinterpret_cast<float4*>(part)[(warp * Cfg::kNT + n) * 32 + lane] =
             make_float4(s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3]);
-      dst_z = dst + Cfg::kStateFloats;
-    } else if (seg == nseg - 1 && p.S) {  // final state
-      dst_S = p.S + int64_t(bh) * kCompactFeatures * kValueDim;
-      dst_z = p.z + int64_t(bh) * kCompactFeatures;
+      dst.z = part + Cfg::kStateFloats;
+    } else if (seg == nseg - 1) {  // the final state: returned, into a pool slot, or nowhere
+      dst = final_state_dst(p, b, bh);
     }
-    if (dst_S) {
+    auto put = [&](void* base, int i, float x) {  // float32, or a bfloat16 pool
+      if (dst.bf16)
+        static_cast<bf16*>(base)[i] = __float2bfloat16_rn(x);
+      else
+        static_cast<float*>(base)[i] = x;
+    };
+    if (dst.S) {
       for_each_s(warp, g, t, [&](int n, int e, int f, int v) {
-        if (f < kCompactFeatures) dst_S[f * kValueDim + v] = s[4 * n + e];
+        if (f < kCompactFeatures) put(dst.S, f * kValueDim + v, s[4 * n + e]);
       });
     }
-    if (dst_z && warp == kZWarp) {
+    if (dst.z && warp == kZWarp) {
       for_each_g(g, t, [&](int nt, int e, int i, int j) {
-        if (i < j) dst_z[quad_feature(i, j)] = p.scale * gm[nt][e];
-        if (i == j) dst_z[kSquareFeature0 + i] = p.scale * 0.70710678118654752f * gm[nt][e];
+        if (i < j) put(dst.z, quad_feature(i, j), p.scale * gm[nt][e]);
+        if (i == j) put(dst.z, kSquareFeature0 + i, p.scale * 0.70710678118654752f * gm[nt][e]);
       });
       if (t == 0) {
-        dst_z[kLinearFeature0 + g] = sqrt_c * ksa[0];
-        dst_z[kLinearFeature0 + 8 + g] = sqrt_c * ksa[2];
+        put(dst.z, kLinearFeature0 + g, sqrt_c * ksa[0]);
+        put(dst.z, kLinearFeature0 + 8 + g, sqrt_c * ksa[2]);
       }
-      if (lane == 0) dst_z[0] = cnt + float(t_end - t_begin);
+      if (lane == 0) put(dst.z, 0, cnt + float(t_end - t_begin));
       // The workspace copy keeps the zero padding too: the scan sums whole float4s.
-      if (kStateOnly && lane < Cfg::kF - kCompactFeatures) dst_z[kCompactFeatures + lane] = 0.f;
+      if (kStateOnly && lane < Cfg::kF - kCompactFeatures) put(dst.z, kCompactFeatures + lane, 0.f);
     }
   };
 

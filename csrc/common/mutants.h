@@ -20,6 +20,8 @@
 #define AK_MUTANT_prefill_missing_barrier 11  // no barrier between building phi / W and the wgmma that read them
 #define AK_MUTANT_prefill_varlen_len 40    // varlen: a sequence runs to the length bound, into the next sequence
 #define AK_MUTANT_prefill_varlen_out_row 41  // varlen: o written at sequence-relative rows (start ignored)
+#define AK_MUTANT_prefill_pool_slot_ignored 42  // state pool: sequence b's state goes to slot b, not its index
+#define AK_MUTANT_prefill_pool_bad_index_computed 43  // state pool: an out-of-range index gives computed outputs
 // based_decode
 #define AK_MUTANT_decode_z_not_updated 12  // z is not written back
 #define AK_MUTANT_decode_read_before_update 13  // o reads the state before this token's update

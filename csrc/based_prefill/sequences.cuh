@@ -1,10 +1,12 @@
-// based_prefill, part of based_prefill.cu (included there only): which rows a CTA walks. Dense: batch
-// entry b, rows [0, N). Varlen: sequence b of the packed batch, rows [cu_seqlens[b], cu_seqlens[b+1]), in a
-// launch order that starts the longest sequences first.
+// based_prefill, part of based_prefill.cu (included there only): a CTA's sequence. Which rows it walks
+// (dense: batch entry b, rows [0, N); varlen: sequence b of the packed batch, rows [cu_seqlens[b],
+// cu_seqlens[b+1]), in a launch order that starts the longest sequences first) and where the sequence's
+// final state goes (the returned state, a pool slot, or nowhere).
 #pragma once
 #include <cstdint>
 
 #include "../common/mutants.h"
+#include "../common/limits.h"
 #include "based_prefill.h"
 
 namespace attn_kernels {
@@ -33,6 +35,32 @@ __device__ __forceinline__ CtaRows cta_rows(const BasedPrefillParams& p, const i
   const SeqRows s = varlen_rows(p.cu_seqlens, b, p.total);
   if (AK_MUTANT(prefill_varlen_len)) return {b, h, s.row0, min(int64_t(p.N), p.total - s.row0)};
   return {b, h, s.row0, s.len};
+}
+
+// Where sequence b's final state goes: the returned state (S, z), its pool slot, or nowhere (nullptrs).
+struct StateDst {
+  void* S;
+  void* z;
+  bool bf16;
+};
+__device__ __forceinline__ StateDst final_state_dst(const BasedPrefillParams& p, int b, int bh) {
+  if (!p.state_indices) {
+    if (!p.S) return {nullptr, nullptr, false};
+    return {p.S + int64_t(bh) * kCompactFeatures * kValueDim, p.z + int64_t(bh) * kCompactFeatures, false};
+  }
+  const int slot = p.state_indices[b];
+  if (slot < 0 || slot >= p.pool_size) return {nullptr, nullptr, false};  // -1 (padding) or out of range
+  const int64_t row = int64_t(AK_MUTANT(prefill_pool_slot_ignored) ? b : slot) * p.H + bh % p.H;
+  const int64_t es = p.pool_bf16 ? 2 : 4;
+  return {static_cast<char*>(p.pool_S) + row * kCompactFeatures * kValueDim * es,
+          static_cast<char*>(p.pool_z) + row * kCompactFeatures * es, p.pool_bf16};
+}
+
+// An out-of-range pool index (possible only under graph capture): the sequence's outputs become NaN.
+__device__ __forceinline__ bool pool_index_bad(const BasedPrefillParams& p, int b) {
+  if (!p.state_indices || AK_MUTANT(prefill_pool_bad_index_computed)) return false;
+  const int slot = p.state_indices[b];
+  return slot < -1 || slot >= p.pool_size;
 }
 
 // order[r] = the sequence of rank r by length, longest first (ties: lower index first). Blocks start
