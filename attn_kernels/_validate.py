@@ -81,14 +81,16 @@ def positive_float(op: str, name: str, value, default: float | None = None, allo
     return value
 
 
-def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.device,
+def state_pair(op: str, name: str, state, B: int | None, H: int, e: int, device: torch.device,
                cuda_dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (S (B, H, 153, e), z (B, H, 153)) pair of one dtype on `device`."""
+    """A (S (B, H, 153, e), z (B, H, 153)) pair of one dtype on `device`; B=None: a pool, any number of
+    rows (S's), the same in z."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise TypeError(f"{op}: {name} must be a tuple (S, z), got {type(state).__name__}"
                         + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
     S = tensor(op, f"{name}[0] (S)", state[0], 4)
     z = tensor(op, f"{name}[1] (z)", state[1], 3)
+    B = S.shape[0] if B is None else B
     shape(op, f"{name}[0] (S)", S, (B, H, COMPACT_FEATURES, e))
     shape(op, f"{name}[1] (z)", z, (B, H, COMPACT_FEATURES))
     if z.dtype != S.dtype:
@@ -99,3 +101,44 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
         names = " or ".join(str(d) for d in cuda_dtypes)
         raise TypeError(f"{op}: {name} dtype must be {names} on CUDA, got {S.dtype}")
     return S, z
+
+
+# ---- index tensors (state_indices, cache_indices, positions, cu_seqlens) --------------------------------
+
+def host_checks_allowed(t: torch.Tensor) -> bool:
+    """Whether t's values may be read on the host: not while torch.compile traces, nor while a CUDA graph is
+    being captured (the read would synchronize). There the kernels refuse bad values themselves."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_index_tensor(op: str, name: str, t, length: int, device: torch.device) -> torch.Tensor:
+    """t is a 1-D torch.int32 tensor of `length` entries on `device` (metadata only: nothing is read)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{op}: {name}.dtype must be torch.int32, got {t.dtype}")
+    if t.device != device:
+        raise TypeError(f"{op}: {name} must be on the inputs' device {device}, got {t.device}")
+    if tuple(t.shape) != (length,):
+        raise ValueError(f"{op}: {name}.shape must be ({length},), got {tuple(t.shape)}")
+    return t
+
+
+def check_pool_indices(op: str, name: str, t: torch.Tensor, pool_size: int) -> None:
+    """Pool indices: each -1 (padding) or a slot in [0, pool_size), the slots distinct. Read on the host
+    (one copy, a sync) unless host_checks_allowed(t) is False, where nothing is checked."""
+    if not host_checks_allowed(t):
+        return
+    values = t.cpu()
+    bad = ((values < -1) | (values >= pool_size)).nonzero().flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise ValueError(f"{op}: {name} must be -1 (padding) or a slot in [0, {pool_size}) (the pool's size), "
+                         f"got {int(values[row])} at row {row}")
+    slots, counts = torch.unique(values[values >= 0], return_counts=True)
+    if (counts > 1).any():
+        slot = int(slots[counts > 1][0])
+        rows = (values == slot).nonzero().flatten().tolist()
+        raise ValueError(f"{op}: {name} must not repeat a slot (only -1 may repeat), got slot {slot} at rows {rows}")
