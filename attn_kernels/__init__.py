@@ -2,7 +2,7 @@
 
 Ops (semantics: spec.md; each is a torch.library custom op in the ``attn_kernels`` namespace):
     based_prefill          causal Based linear attention over a sequence, optionally returning its state
-    based_decode           one generation step, state updated in place
+    based_decode           one generation step, state (or a state pool's slots) updated in place
     sliding_window_decode  softmax attention of a new token over its last `window` keys (ring-buffer cache)
     sliding_window_prefill causal sliding-window attention over a prompt, filling the ring-buffer caches
 CPU tensors run the PyTorch reference (attn_kernels.reference); CUDA tensors run the kernels, never the

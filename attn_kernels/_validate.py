@@ -84,14 +84,16 @@ def positive_float(op: str, name: str, value, default: float | None = None, allo
     return value
 
 
-def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.device,
+def state_pair(op: str, name: str, state, B: int | None, H: int, e: int, device: torch.device,
                cuda_dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (S (B, H, 153, e), z (B, H, 153)) pair of one dtype on `device`."""
+    """A (S (B, H, 153, e), z (B, H, 153)) pair of one dtype on `device`; B=None: a pool, any number of
+    rows (S's), the same in z."""
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise TypeError(f"{op}: {name} must be a tuple (S, z), got {type(state).__name__}"
                         + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
     S = tensor(op, f"{name}[0] (S)", state[0], 4)
     z = tensor(op, f"{name}[1] (z)", state[1], 3)
+    B = S.shape[0] if B is None else B
     shape(op, f"{name}[0] (S)", S, (B, H, COMPACT_FEATURES, e))
     shape(op, f"{name}[1] (z)", z, (B, H, COMPACT_FEATURES))
     if z.dtype != S.dtype:
@@ -104,16 +106,13 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
     return S, z
 
 
-def state_pool(op: str, name: str, state, H: int, e: int, device: torch.device,
-               cuda_dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A state pool (S (P, H, 153, e), z (P, H, 153)) of one dtype on `device`, contiguous (written in place)."""
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"{op}: {name} must be a tuple (S, z), got {type(state).__name__}")
-    P = tensor(op, f"{name}[0] (S)", state[0], 4).shape[0]
-    S, z = state_pair(op, name, state, P, H, e, device, cuda_dtypes)
+def writable_state(op: str, name: str, state, B: int | None, H: int, e: int, device: torch.device,
+                   cuda_dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """state_pair (B=None: a pool) that the op updates in place, so it must be contiguous (never copied)."""
+    S, z = state_pair(op, name, state, B, H, e, device, cuda_dtypes)
     for part, t in ((f"{name}[0] (S)", S), (f"{name}[1] (z)", z)):
         if not t.is_contiguous():
-            raise ValueError(f"{op}: {part} must be contiguous (it is updated in place), got strides {t.stride()}")
+            raise ValueError(f"{op}: {part} must be contiguous to be updated in place, got strides {t.stride()}")
     return S, z
 
 
@@ -156,15 +155,19 @@ def cu_seqlens_values(op: str, cu: torch.Tensor, total: int) -> int:
 
 
 def pool_indices_values(op: str, name: str, idx: torch.Tensor, pool_rows: int) -> None:
-    """Entries in [-1, pool_rows), no pool row named twice (-1, padding, may repeat)."""
+    """Entries -1 (padding) or a slot in [0, pool_rows), no slot named twice (-1 may repeat). Reads the values
+    on the host (a sync): call where can_read_values(idx)."""
     vals = idx.tolist()
-    bad = [x for x in vals if not -1 <= x < pool_rows]
-    if bad:
-        raise ValueError(f"{op}: {name} entries must be in [-1, {pool_rows}) (-1 = padding), got {bad[0]}")
-    used = [x for x in vals if x >= 0]
-    if len(set(used)) != len(used):
-        dup = next(x for x in used if used.count(x) > 1)
-        raise ValueError(f"{op}: {name} names pool row {dup} more than once")
+    row = next((i for i, x in enumerate(vals) if not -1 <= x < pool_rows), None)
+    if row is not None:
+        raise ValueError(f"{op}: {name} must be -1 (padding) or a slot in [0, {pool_rows}) (the pool's size), "
+                         f"got {vals[row]} at row {row}")
+    seen: dict[int, int] = {}
+    for i, x in enumerate(vals):
+        if x >= 0 and x in seen:
+            rows = [j for j, y in enumerate(vals) if y == x]
+            raise ValueError(f"{op}: {name} must not repeat a slot (only -1 may repeat), got slot {x} at rows {rows}")
+        seen[x] = i
 
 
 def cu_seqlens(op: str, cu, T: int, device: torch.device) -> tuple[int, int | None]:

@@ -120,7 +120,7 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
     if state is not None:
         if return_state:
             raise ValueError(f"{OP}: with a state pool the final states go into it: pass return_state=False")
-        pool_S, pool_z = check.state_pool(OP, "state", state, H, VALUE_DIM, q.device, cuda_dtypes)
+        pool_S, pool_z = check.writable_state(OP, "state", state, None, H, VALUE_DIM, q.device, cuda_dtypes)
         check.index_tensor(OP, "state_indices", state_indices, B, q.device)
         if check.can_read_values(state_indices):
             check.pool_indices_values(OP, "state_indices", state_indices, pool_S.shape[0])

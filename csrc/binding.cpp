@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <initializer_list>
 
 #include "based_decode/based_decode.h"
@@ -137,17 +138,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
 }
 
 at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                             at::Tensor& S, at::Tensor& z, double scale, bool normalize, double eps) {
+                             at::Tensor& S, at::Tensor& z, double scale, bool normalize, double eps,
+                             const std::optional<at::Tensor>& state_indices) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   TORCH_CHECK(q_in.dim() == 3 && q_in.size(2) == kFeatDim && k_in.sizes() == q_in.sizes(),
               "based_decode: q, k must be (B, H, 16)");
   const int B = q_in.size(0), H = q_in.size(1);
   TORCH_CHECK(v_in.dim() == 3 && v_in.size(0) == B && v_in.size(1) == H && v_in.size(2) == kValueDim,
               "based_decode: v must be (B, H, 64)");
+  // With state_indices the state is a pool of P slots (the kernel refuses indices outside [-1, P)).
+  at::Tensor idx;
+  int64_t rows = B;
+  if (state_indices.has_value()) {
+    TORCH_CHECK(state_indices->scalar_type() == at::kInt && state_indices->dim() == 1 &&
+                    state_indices->size(0) == B && state_indices->device() == q_in.device(),
+                "based_decode: state_indices must be a (B,) int32 tensor on q's device");
+    TORCH_CHECK(S.dim() == 4 && S.size(0) <= INT_MAX, "based_decode: a state pool must be (P, H, 153, 64)");
+    rows = S.size(0);
+    idx = state_indices->contiguous();
+  }
   TORCH_CHECK(S.is_contiguous() && z.is_contiguous() && S.scalar_type() == z.scalar_type() &&
-                  S.numel() == int64_t(B) * H * kCompactFeatures * kValueDim &&
-                  z.numel() == int64_t(B) * H * kCompactFeatures,
-              "based_decode: state must be contiguous (B, H, 153, 64) and (B, H, 153) of one dtype");
+                  S.device() == q_in.device() && z.device() == q_in.device() &&
+                  S.numel() == rows * H * kCompactFeatures * kValueDim && z.numel() == rows * H * kCompactFeatures,
+              "based_decode: state must be contiguous (B or P, H, 153, 64) and (B or P, H, 153) of one dtype");
   const at::Tensor q = vector_friendly(q_in), k = vector_friendly(k_in), v = vector_friendly(v_in);
   at::Tensor o = output_like(v_in);
 
@@ -162,6 +175,8 @@ at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, con
   p.B = B; p.H = H;
   p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
   p.dtype = dtype_of(q); p.state_dtype = dtype_of(S);
+  p.state_indices = idx.defined() ? idx.data_ptr<int32_t>() : nullptr;
+  p.P = int(rows);
   C10_CUDA_CHECK(based_decode_launch(p, at::cuda::getCurrentCUDAStream()));
   return o;
 }

@@ -27,11 +27,12 @@ def prefill_cost(B: int, H: int, N: int, *, d: int = 16, e: int = 64, itemsize: 
 
 
 def decode_cost(B: int, H: int, *, state_itemsize: int, d: int = 16, e: int = 64, itemsize: int = 2,
-                F: int = F_COMPACT) -> tuple[int, int]:
-    """State (S and z) read + written once in the state dtype, plus q, k, v read and o written.
+                F: int = F_COMPACT, pooled: bool = False) -> tuple[int, int]:
+    """State (S and z) read + written once in the state dtype, plus q, k, v read and o written; pooled:
+    plus the (B,) int32 state_indices read (the state bytes are those of the B slots used, as contiguous).
     FLOPs: feature maps of q and k, S += phi(k) v^T, phi(q)^T S, phi(q).z."""
     state = B * H * (F * e + F) * state_itemsize
-    nbytes = 2 * state + B * H * (d + d + e + e) * itemsize
+    nbytes = 2 * state + B * H * (d + d + e + e) * itemsize + (B * 4 if pooled else 0)
     flops = B * H * (2 * 2 * F * e + 2 * F + 2 * F)
     return nbytes, flops
 

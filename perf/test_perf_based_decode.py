@@ -2,7 +2,8 @@
 sets (perf.measure.bench_graph), as decode is served. The implementations are the ``IMPLS`` records
 (perf.impls.Impl).
 
-Ids: test_perf_based_decode[<impl>-state_<fp32|bf16>-B<B>-H<H>-bf16].
+Ids: test_perf_based_decode[<impl>-state_<fp32|bf16>-B<B>-H<H>-bf16]. ``attn_kernels-pooled`` is the same step
+on a state pool (state_indices: B shuffled slots of a pool of 2B), charged the same state bytes plus the indices.
 """
 from __future__ import annotations
 
@@ -110,12 +111,13 @@ def _torch_step(compiled: bool):
     return build
 
 
-def _impl(peer: str, state: str, step, inputs, *, source: str, module: str | None = None) -> Impl:
+def _impl(peer: str, state: str, step, inputs, *, source: str, module: str | None = None,
+          pooled: bool = False) -> Impl:
     """A decode record: in a CUDA graph, charged decode_cost in the state dtype, rotated over 4 to 1024
     sets sized by the 153-wide state in that dtype (the state each step touches)."""
     itemsize = torch.empty((), dtype=_STATE_DTYPE[state]).element_size()
     return Impl(f"{peer}-state_{state}", (peer, state), source, step, inputs=inputs,
-                cost=lambda s: decode_cost(s.B, s.H, state_itemsize=itemsize, d=D, e=E),
+                cost=lambda s: decode_cost(s.B, s.H, state_itemsize=itemsize, d=D, e=E, pooled=pooled),
                 footprint=lambda s: s.B * s.H * (F * E + F) * itemsize, timing=GRAPH, min_sets=4,
                 max_sets=1024, module=module, missing=FLA_MISSING if module else "")
 
@@ -124,9 +126,32 @@ def _ours(ak, s: Shape):
     return lambda q, k, v, S, z: ak.based_decode(q, k, v, (S, z), eps=EPS)
 
 
+_SLOT_MAPS: dict[int, torch.Tensor] = {}
+
+
+def _pooled_inputs(state_dtype: torch.dtype):
+    """-> shape -> one (q, k, v, S, z, state_indices) set: a pool of P = 2B slots, row b using slot
+    state_indices[b], B distinct slots shuffled. All sets of a shape share one slot map, as all layers of a
+    served step share the batch's (each set is one layer with its own pool)."""
+
+    def make(s: Shape):
+        S, z = _state(2 * s.B, s.H, F, state_dtype)
+        if s.B not in _SLOT_MAPS:
+            _SLOT_MAPS[s.B] = torch.randperm(2 * s.B, device="cuda")[: s.B].to(torch.int32)
+        return (*_qkv(s.B, s.H), S, z, _SLOT_MAPS[s.B])
+
+    return make
+
+
+def _ours_pooled(ak, s: Shape):
+    return lambda q, k, v, S, z, idx: ak.based_decode(q, k, v, (S, z), state_indices=idx, eps=EPS)
+
+
 IMPLS = [
     _impl("attn_kernels", "fp32", _ours, _inputs(F, torch.float32), source=OURS),
     _impl("attn_kernels", "bf16", _ours, _inputs(F, torch.bfloat16), source=OURS),
+    _impl("attn_kernels-pooled", "fp32", _ours_pooled, _pooled_inputs(torch.float32), source=OURS, pooled=True),
+    _impl("attn_kernels-pooled", "bf16", _ours_pooled, _pooled_inputs(torch.bfloat16), source=OURS, pooled=True),
     _impl("torch", "fp32", _torch_step(False), _inputs(F_EXPANDED, torch.float32), source=TORCH),
     _impl("torch_compile", "fp32", _torch_step(True), _inputs(F_EXPANDED, torch.float32), source=TORCH),
     _impl("fla_fused_recurrent", "fp32", _fla_step, _fla_inputs, source=OPTIONAL,

@@ -148,3 +148,196 @@ def test_empty_state():
     assert S.abs().sum() == 0 and z.abs().sum() == 0
     S, z = ak.empty_state(1, 2, dtype=torch.bfloat16)
     assert S.dtype == z.dtype == torch.bfloat16
+
+
+# ---- a state pool (state_indices) ---------------------------------------------------------------------------
+# Pooled decode does contiguous decode's arithmetic on other addresses, so it is checked bitwise against the
+# contiguous kernel run on the slots gathered into a contiguous state (same B*H, so the same column split).
+
+POOL_BH = [(1, 1), (2, 8), (3, 12), (40, 25), (130, 16)]  # splits 8, 4, 2, 1 (PDL) and 1 (B*H > 1024: plain)
+
+
+def bits(t):
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+def assert_bitwise(name, got, want):
+    """Equal bits, except that a NaN matches any NaN (the kernel's NaN rows have their own payload)."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    differ = (bits(got) != bits(want)) & ~(torch.isnan(got) & torch.isnan(want))
+    assert not differ.any(), f"{name}: {int(differ.sum())} of {got.numel()} elements differ bitwise"
+
+
+def slot_map(B, P, device, padding=0):
+    """(B,) int32: distinct shuffled slots of [0, P), `padding` random rows -1."""
+    idx = torch.randperm(P)[:B]
+    if padding:
+        idx[torch.randperm(B)[:padding]] = -1
+    return idx.to(torch.int32).to(device)
+
+
+def pooled_expectation(q, k, v, pool, idx, **kw):
+    """What pooled decode must give, from the contiguous kernel (or the CPU op) on the gathered slots: o with
+    padding rows 0 and out-of-range rows NaN, and the pool with exactly the named slots updated."""
+    S_pool, z_pool = pool
+    P = S_pool.shape[0]
+    valid = (idx >= 0) & (idx < P)
+    safe = torch.where(valid, idx, 0).long()
+    S, z = S_pool[safe].clone(), z_pool[safe].clone()  # rows of padding / bad rows: scratch, discarded
+    o = ak.based_decode(q, k, v, (S, z), **kw)
+    o = torch.where((idx == -1)[:, None, None], 0.0, o)
+    o = torch.where((~valid & (idx != -1))[:, None, None], float("nan"), o).to(q.dtype)
+    S_exp, z_exp = S_pool.clone(), z_pool.clone()
+    S_exp[idx[valid].long()], z_exp[idx[valid].long()] = S[valid], z[valid]
+    return o, S_exp, z_exp
+
+
+def run_pooled_and_check(B, H, dtype, state_dtype, normalize, strided, device, padding=0, P=None):
+    P = 2 * B + 1 if P is None else P
+    q, k = (randn(B, H, 16, dtype=dtype, device=device, transposed=strided) for _ in range(2))
+    v = randn(B, H, 64, dtype=dtype, device=device, transposed=strided)
+    pool = prior_state(P, H, device, state_dtype, tokens=8)
+    idx = slot_map(B, P, device, padding)
+    o_exp, S_exp, z_exp = pooled_expectation(q, k, v, pool, idx, normalize=normalize)
+    pool_in = tuple(t.clone() for t in pool)
+    if device == "cuda":
+        poison_allocator(nbytes(B, H, 64, dtype=dtype))
+    o = ak.based_decode(q, k, v, pool, state_indices=idx, normalize=normalize)
+    assert o.dtype == dtype and pool[0].dtype == state_dtype
+    assert_bitwise("o", o, o_exp)
+    assert_bitwise("S pool", pool[0], S_exp)
+    assert_bitwise("z pool", pool[1], z_exp)
+    # and against float64 (the reference of the pooled semantics), rows with a slot
+    rows = idx >= 0
+    o64, _ = ref.based_decode_pooled(q.double(), k.double(), v.double(), tuple(t.double() for t in pool_in), idx,
+                                     normalize=normalize)
+    o_lp, _ = lowp_step(q[rows], k[rows], v[rows], tuple(t[idx[rows].long()] for t in pool_in), normalize=normalize)
+    if rows.any():
+        assert_close_rule("o (pooled)", o[rows], o64[rows], o_lp)
+    return o, idx
+
+
+@requires_cuda
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("B,H", [pytest.param(*s, id=f"B{s[0]}-H{s[1]}") for s in POOL_BH])
+def test_pooled_equals_contiguous_bitwise(B, H, dtype, state_dtype, normalize, strided):
+    """Shuffled distinct slots of a pool of P = 2B + 1: o and the named slots bitwise those of contiguous
+    decode on the gathered slots; every other slot bitwise untouched."""
+    run_pooled_and_check(B, H, dtype, state_dtype, normalize, strided, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("padding", ["some", "all"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
+@pytest.mark.parametrize("B,H", [pytest.param(*s, id=f"B{s[0]}-H{s[1]}") for s in POOL_BH])
+def test_pooled_padding_rows(B, H, state_dtype, padding):
+    """-1 rows (repeated): o exactly 0 (over a NaN-poisoned allocation), no slot read or written for them."""
+    pad = B if padding == "all" else max(1, B // 3) + (B > 2)
+    o, idx = run_pooled_and_check(B, H, torch.bfloat16, state_dtype, True, False, "cuda", padding=pad)
+    assert int((idx == -1).sum()) == pad and (o[idx == -1] == 0).all()
+
+
+def bad_index_case(device, state_dtype=torch.float32):
+    """B = 5 rows of a pool of P = 7: a slot, -1, an index >= P, an index < -1, a slot."""
+    B, H, P = 5, 4, 7
+    q, k = (torch.randn(B, H, 16, device=device, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, 64, device=device, dtype=torch.bfloat16)
+    pool = prior_state(P, H, device, state_dtype, tokens=8)
+    good = slot_map(B, P, device)
+    bad = good.clone()
+    bad[1], bad[2], bad[3] = -1, P + 3, -5
+    return q, k, v, pool, good, bad
+
+
+def check_bad_indices(o, pool, expected):
+    o_exp, S_exp, z_exp = expected
+    assert torch.isnan(o[2]).all() and torch.isnan(o[3]).all(), "out-of-range rows must be NaN"
+    assert (o[1] == 0).all(), "the padding row must be 0"
+    assert_bitwise("o", o, o_exp)
+    assert_bitwise("S pool", pool[0], S_exp)
+    assert_bitwise("z pool", pool[1], z_exp)
+
+
+@requires_cuda
+def test_pooled_out_of_range_index_through_the_op():
+    """The op itself (no host check: torch.ops) with indices >= P and < -1: NaN rows, nothing written for
+    them, the other rows as contiguous decode."""
+    q, k, v, pool, _, bad = bad_index_case("cuda")
+    expected = pooled_expectation(q, k, v, pool, bad)
+    o = torch.ops.attn_kernels.based_decode(q, k, v, *pool, 0.25, True, 1e-6, bad)
+    check_bad_indices(o, pool, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
+def test_pooled_out_of_range_index_under_graph_capture(state_dtype):
+    """Captured with valid indices (no host check can run inside the capture), replayed with an index >= P and
+    one < -1: those rows are NaN and write nothing, the padding row is 0, the other rows are contiguous
+    decode's, bitwise."""
+    q, k, v, pool, good, bad = bad_index_case("cuda", state_dtype)
+    idx = good.clone()
+    ak.based_decode(q, k, v, pool, state_indices=idx)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = ak.based_decode(q, k, v, pool, state_indices=idx)
+    idx.copy_(bad)
+    expected = pooled_expectation(q, k, v, pool, bad)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_bad_indices(o, pool, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
+def test_pooled_graph_replays_with_new_indices(state_dtype):
+    """One captured step replayed 5 times on one pool, new q, k, v and a new slot map (shuffled, some -1)
+    copied in before each replay: after every replay o and the whole pool are bitwise what contiguous decode
+    on the gathered slots gives."""
+    B, H, P = 6, 16, 10
+    q, k = (torch.randn(B, H, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, 64, device="cuda", dtype=torch.bfloat16)
+    pool = prior_state(P, H, "cuda", state_dtype, tokens=8)
+    idx = slot_map(B, P, "cuda")
+    ak.based_decode(q, k, v, pool, state_indices=idx)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = ak.based_decode(q, k, v, pool, state_indices=idx)
+    for replay in range(5):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda"))
+        idx.copy_(slot_map(B, P, "cuda", padding=replay % 3))
+        o_exp, S_exp, z_exp = pooled_expectation(q, k, v, pool, idx)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bitwise(f"o after replay {replay}", o, o_exp)
+        assert_bitwise(f"S pool after replay {replay}", pool[0], S_exp)
+        assert_bitwise(f"z pool after replay {replay}", pool[1], z_exp)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
+def test_cpu_pooled_op(state_dtype):
+    run_pooled_and_check(3, 2, torch.bfloat16, state_dtype, True, True, "cpu", padding=1)
+
+
+def test_cpu_out_of_range_index_through_the_op():
+    q, k, v, pool, _, bad = bad_index_case("cpu")
+    expected = pooled_expectation(q, k, v, pool, bad)
+    check_bad_indices(torch.ops.attn_kernels.based_decode(q, k, v, *pool, 0.25, True, 1e-6, bad), pool, expected)
+
+
+def test_cpu_compiled_pooled_decode_skips_the_host_checks():
+    """Under torch.compile the index values are not read on the host (no graph break, no error): an
+    out-of-range index gives the op's NaN row and writes nothing, as under graph capture."""
+    q, k, v, pool, _, bad = bad_index_case("cpu")
+    expected = pooled_expectation(q, k, v, pool, bad)
+
+    def step(q, k, v, S, z, idx):
+        return ak.based_decode(q, k, v, (S, z), state_indices=idx)
+
+    o = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, *pool, bad)
+    check_bad_indices(o, pool, expected)

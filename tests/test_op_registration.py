@@ -47,6 +47,15 @@ def decode_args(device):
             torch.rand(2, 3, 153, device=device) + 1, 0.25, True, 1e-6)
 
 
+def pooled_decode_args(device):
+    """based_decode on a pool of 5 slots: rows 0, 1 use slots 4 and 1, row 2 is padding (-1)."""
+    dt = _dtype(device)
+    return (torch.randn(3, 2, 16, device=device, dtype=dt), torch.randn(3, 2, 16, device=device, dtype=dt),
+            torch.randn(3, 2, 64, device=device, dtype=dt), torch.rand(5, 2, 153, 64, device=device),
+            torch.rand(5, 2, 153, device=device) + 1, 0.25, True, 1e-6,
+            torch.tensor([4, 1, -1], dtype=torch.int32, device=device))
+
+
 def swd_args(device):
     dt = _dtype(device)
     return (*(torch.randn(2, 3, 64, device=device, dtype=dt) for _ in range(3)),
@@ -70,6 +79,7 @@ def swp_args(device, varlen=False):
     pytest.param("based_prefill", lambda d: prefill_args(d, init=False, return_state=False), id="based_prefill-plain"),
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
     pytest.param("based_decode", decode_args, id="based_decode"),
+    pytest.param("based_decode", pooled_decode_args, id="based_decode-pooled"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
     pytest.param("sliding_window_prefill", swp_args, id="sliding_window_prefill"),
     pytest.param("sliding_window_prefill", lambda d: swp_args(d, varlen=True), id="sliding_window_prefill-varlen"),
@@ -83,6 +93,7 @@ def test_schemas_declare_in_place_mutation():
     swd = torch.ops.attn_kernels.sliding_window_decode.default._schema
     prefill = torch.ops.attn_kernels.based_prefill.default._schema
     assert [a.name for a in decode.arguments if a.is_write] == ["S", "z"]
+    assert decode.arguments[-1].name == "state_indices" and str(decode.arguments[-1].type) == "Optional[Tensor]"
     assert [a.name for a in swd.arguments if a.is_write] == ["k_cache", "v_cache"]
     swp = torch.ops.attn_kernels.sliding_window_prefill.default._schema
     assert [a.name for a in swp.arguments if a.is_write] == ["k_cache", "v_cache"]
@@ -161,6 +172,7 @@ KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the prof
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
     pytest.param("based_decode", decode_args, id="based_decode"),
+    pytest.param("based_decode", pooled_decode_args, id="based_decode-pooled"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
     pytest.param("sliding_window_prefill", swp_args, id="sliding_window_prefill"),
 ])

@@ -119,10 +119,12 @@ _PREFILL_SHAPES = ["B16-H16-N1024", "B16-H16-N2048", "B16-H16-N4096", "B16-H16-N
 _NEW_PREFILL_SHAPES = ["B1-H16-N65536", "B2-H32-N8192"]
 _PREFILL_IMPLS = ["attn_kernels-norm", "attn_kernels-num", "torch-norm", "torch_compile-norm",
                   "fla_parallel-norm", "fla_fused_chunk-norm", "fla_fused_recurrent-norm"]
-# Ids newer than some GPU's newest baseline (H200's 0004 predates all of them, H100's 0002 NEW_MODULES').
+# Ids newer than some GPU's newest baseline (H200's 0004 predates all of them, H100's 0002 those of NEW_MODULES
+# and the pooled ones): and every id of NEW_MODULES, and the pooled variants (issues 16, 17) at every shape.
 NEW_IDS = ({_PREFILL_ID.format(f"thunderkittens-num-{s}") for s in _PREFILL_SHAPES + _NEW_PREFILL_SHAPES}
            | {_PREFILL_ID.format(f"{i}-{s}") for i in _PREFILL_IMPLS for s in _NEW_PREFILL_SHAPES}
-           | {fullname for name in NEW_MODULES for fullname, *_ in _cases(name)})
+           | {fullname for name in NEW_MODULES for fullname, *_ in _cases(name)}
+           | {fullname for name in OP_MODULES for fullname, _, impl, *_ in _cases(name) if "-pooled" in impl.name})
 
 
 def test_collected_ids_cover_the_newest_baseline():
@@ -136,7 +138,7 @@ def test_collected_ids_cover_the_newest_baseline():
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
     cases = {fullname: (params, impl, shape, op) for name in OP_MODULES
              for fullname, params, impl, shape, op in _cases(name)}
-    assert len(NEW_IDS) == 23 + 4 + 36 and NEW_IDS <= set(collected)
+    assert len(NEW_IDS) == 23 + 4 + 36 + 10 and NEW_IDS <= set(collected)
     assert sorted(collected) == sorted(cases) and len(collected) == len(set(collected)) == 124 + len(NEW_IDS)
     for path in _newest_baselines():
         baseline = json.loads(path.read_text())

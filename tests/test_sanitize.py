@@ -1,5 +1,6 @@
 """The small GPU subset `nox -s sanitize` runs under compute-sanitizer (memcheck, racecheck, initcheck,
-synccheck): three shapes per op, ragged tails and the split-sequence path included. Plain tests too."""
+synccheck): three shapes per op (and pooled decode), ragged tails and the split-sequence path included. Plain
+tests too."""
 import pytest
 import torch
 
@@ -29,6 +30,23 @@ def test_based_decode(B, H, state_dtype):
     o = ak.based_decode(q, k, v, state)
     torch.cuda.synchronize()
     assert_written("o", o)
+
+
+@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32)],
+                         ids=["BH1", "BH21-bf16", "BH1024"])
+def test_based_decode_pooled(B, H, state_dtype):
+    """A pool of 2B + 2 slots; from B = 3 on, row 1 is padding (-1) and row 2 out of range (the op: no host
+    check), so whole clusters (splits > 1) leave early."""
+    P = 2 * B + 2
+    q, k = (torch.randn(B, H, 16, device="cuda", dtype=torch.float16) for _ in range(2))
+    v = torch.randn(B, H, 64, device="cuda", dtype=torch.float16)
+    S, z = ak.empty_state(P, H, dtype=state_dtype, device="cuda")
+    idx = torch.randperm(P, device="cuda")[:B].to(torch.int32)
+    if B >= 3:
+        idx[1], idx[2] = -1, P + 5
+    o = torch.ops.attn_kernels.based_decode(q, k, v, S, z, 0.25, True, 1e-6, idx)
+    torch.cuda.synchronize()
+    assert_written("o (rows with a slot)", o[idx >= 0])
 
 
 @pytest.mark.parametrize("W,e,positions", [(16, 64, [0, 15, 16]), (64, 128, [3, 200]), (256, 64, [255, 1000, 7])],

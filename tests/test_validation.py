@@ -157,6 +157,45 @@ DECODE = [
     ("normalize-none", dict(normalize=None), TypeError, ["normalize must be a bool", "NoneType"]),
 ]
 
+P = 5  # pool slots of the pooled decode cases
+
+
+def good_pooled():
+    pool = (torch.randn(P, H, 153, 64), torch.rand(P, H, 153) + 1)
+    return dict(q=torch.randn(B, H, 16), k=torch.randn(B, H, 16), v=torch.randn(B, H, 64), state=pool,
+                state_indices=torch.tensor([3, -1], dtype=torch.int32))
+
+
+def idx(*values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype)
+
+
+POOLED = [
+    ("idx-list", dict(state_indices=[3, -1]), TypeError, ["state_indices must be a torch.Tensor", "list"]),
+    ("idx-int64", dict(state_indices=idx(3, -1, dtype=torch.int64)), TypeError,
+     ["state_indices.dtype must be torch.int32", "torch.int64"]),
+    ("idx-float", dict(state_indices=idx(3.0, 1.0, dtype=torch.float32)), TypeError,
+     ["state_indices.dtype must be torch.int32", "torch.float32"]),
+    ("idx-length", dict(state_indices=idx(3, -1, 0)), ValueError, ["state_indices.shape must be (2,)", "(3,)"]),
+    ("idx-2d", dict(state_indices=idx(3, -1).view(1, 2)), ValueError, ["state_indices.shape must be (2,)", "(1, 2)"]),
+    ("idx-equals-P", dict(state_indices=idx(0, 5)), ValueError,
+     ["state_indices must be -1 (padding) or a slot in [0, 5)", "got 5 at row 1"]),
+    ("idx-below-minus-one", dict(state_indices=idx(-2, 0)), ValueError,
+     ["state_indices must be -1 (padding) or a slot in [0, 5)", "got -2 at row 0"]),
+    ("idx-duplicate", dict(state_indices=idx(4, 4)), ValueError,
+     ["state_indices must not repeat a slot", "slot 4 at rows [0, 1]"]),
+    ("pool-z-rows-differ", dict(state=(torch.zeros(P, H, 153, 64), torch.zeros(P + 1, H, 153))), ValueError,
+     ["state[1] (z).shape must be (5, 3, 153)", "(6, 3, 153)"]),
+    ("pool-S-wrong-F", dict(state=(torch.zeros(P, H, 152, 64), torch.zeros(P, H, 153))), ValueError,
+     ["state[0] (S).shape must be (5, 3, 153, 64)", "(5, 3, 152, 64)"]),
+    ("pool-H-differs", dict(state=(torch.zeros(P, H + 1, 153, 64), torch.zeros(P, H + 1, 153))), ValueError,
+     ["state[0] (S).shape must be (5, 3, 153, 64)"]),
+    ("pool-dtypes-differ", dict(state=(torch.zeros(P, H, 153, 64), torch.zeros(P, H, 153).bfloat16())), TypeError,
+     ["state[1] (z).dtype must match state[0] (S).dtype torch.float32", "torch.bfloat16"]),
+    ("pool-noncontiguous", dict(state=(torch.zeros(P, H, 153, 64), torch.zeros(H, P, 153).transpose(0, 1))),
+     ValueError, ["state[1] (z) must be contiguous to be updated in place"]),
+]
+
 SWD = [
     ("q-e96", dict(q=t(B, H, 96)), ValueError, ["q.shape[-1] must be one of (64, 128)", "got 96"]),
     ("k_new-shape", dict(k_new=t(B, H + 1, 64)), ValueError, ["k_new.shape must be (2, 3, 64)", "(2, 4, 64)"]),
@@ -212,6 +251,28 @@ def test_sliding_window_decode_rejects(override, exc, words):
     _check(ak.sliding_window_decode, good_swd, override, exc, words)
 
 
+@pytest.mark.parametrize("override,exc,words", [pytest.param(*c[1:], id=c[0]) for c in POOLED])
+def test_based_decode_pooled_rejects(override, exc, words):
+    _check(ak.based_decode, good_pooled, override, exc, words)
+
+
+@pytest.mark.parametrize("bad", [idx(0, 5), idx(-2, 0), idx(4, 4)], ids=["idx-equals-P", "idx-below-minus-one",
+                                                                       "idx-duplicate"])
+def test_pool_untouched_when_indices_rejected(bad):
+    args = good_pooled()
+    before = tuple(t.clone() for t in args["state"])
+    with pytest.raises(ValueError, match="state_indices"):
+        call(ak.based_decode, args, state_indices=bad)
+    assert all(torch.equal(t, b) for t, b in zip(args["state"], before))
+
+
+def test_pooled_indices_may_repeat_padding_and_leave_slots_unnamed():
+    args = good_pooled()
+    before = tuple(t.clone() for t in args["state"])
+    o = call(ak.based_decode, args, state_indices=idx(-1, -1))
+    assert (o == 0).all() and all(torch.equal(t, b) for t, b in zip(args["state"], before))
+
+
 def test_decode_state_untouched_when_rejected():
     args = good_decode()
     S, z = args["state"]
@@ -240,6 +301,7 @@ def test_good_calls_pass():
     """The templates above are valid: each rejection is due to its one override."""
     call(ak.based_prefill, good_prefill())
     call(ak.based_decode, good_decode())
+    call(ak.based_decode, good_pooled())
     call(ak.sliding_window_decode, good_swd())
 
 
@@ -255,6 +317,19 @@ def test_good_calls_pass():
 ])
 def test_device_mismatch_rejected(op, good, override, words):
     _check(op, good, override(), ValueError, words)
+
+
+@requires_cuda
+@pytest.mark.parametrize("where", ["cpu-indices", "cpu-pool"])
+def test_pooled_device_mismatch_rejected(where):
+    args = {n: (a.cuda().bfloat16() if n in ("q", "k", "v") else a) for n, a in good_pooled().items()}
+    if where == "cpu-pool":
+        args["state_indices"] = args["state_indices"].cuda()
+        exc, words = ValueError, ["state must be on the inputs' device cuda:0"]
+    else:
+        args["state"] = tuple(t.cuda() for t in args["state"])
+        exc, words = TypeError, ["state_indices must be on the inputs' device cuda:0", "got cpu"]
+    _check(ak.based_decode, lambda: args, {}, exc, words)
 
 
 @requires_cuda

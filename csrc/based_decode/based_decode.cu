@@ -15,6 +15,12 @@
 // blocks may be scheduled while the previous kernel in the stream still runs, and wait
 // (griddepcontrol.wait) for that kernel to finish before the first global access, since q/k/v and the
 // in-place state may be its outputs.
+//
+// With a state pool (p.state_indices, a separate instantiation: the contiguous kernels are unchanged),
+// row b's state is pool slot state_indices[b]: every block reads that index once, after the wait (it
+// is device data a previous kernel may write), and takes the slot's S and z. A padding row (-1)
+// writes zeros and an out-of-range index NaN to its output and nothing else; the index depends on b
+// alone, so all blocks of a cluster leave together and none waits at the cluster barrier.
 #include "based_decode.h"
 
 #include <cuda_bf16.h>
@@ -99,29 +105,52 @@ __device__ void load_in_vec(const In* p, float (&x)[kN]) {
 }
 
 // PDL: at most 64 registers (4 blocks per SM), so a step's blocks and the next step's early-scheduled
-// ones fit on an SM together at B*H = 256 (2 + 2 blocks per SM). No minimum otherwise.
-template <typename In, typename St, int kSplit, bool kPdl>
-__global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const BasedDecodeParams p) {
+// ones fit on an SM together at B*H = 256 (2 + 2 blocks per SM). Pooled: the same bound keeps the
+// contiguous kernel's 4 blocks per SM (unbounded, fp16 inputs with an fp32 state take 68 registers).
+// No minimum otherwise.
+template <typename In, typename St, int kSplit, bool kPdl, bool kPooled>
+__global__ void __launch_bounds__(256, kPdl || kPooled ? 4 : 0)
+    based_decode_kernel(const BasedDecodeParams p) {
   using T = DecodeTile<In, St, kSplit>;
   constexpr int kF = T::kF, kVec = T::kVec;
+  constexpr bool kEarlyZ = kPooled && kSplit == 1;
   __shared__ float phik_s[kF], phiq_s[kF];
   __shared__ float den_s[T::kFeatWarps];
   __shared__ float red_s[T::kWarps][T::kCols];
 
   const int64_t head = blockIdx.x / kSplit;  // flat b * H + h
   const int split = blockIdx.x % kSplit;
-  const int64_t b = head / p.H, h = head % p.H;
+  // The pooled kernel divides in 32 bits (head < 2^31): b addresses its first load, the state index.
+  const int64_t b = kPooled ? int64_t(unsigned(head) / unsigned(p.H)) : head / p.H;
+  const int64_t h = kPooled ? int64_t(unsigned(head) % unsigned(p.H)) : head % p.H;
   const int col0 = split * T::kCols;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int cv = tid % T::kVecsPerRow;  // which 16-byte column slice of a row
   const int row0 = tid / T::kVecsPerRow;
 
   // cudaGridDependencySynchronize(): the previous kernel (maybe the previous step on this very state)
-  // has completed and its writes are visible.
-  if constexpr (kPdl) griddep_wait();
+  // has completed and its writes are visible. The pooled kernel computes its index's address first
+  // (the wait is predicated on it, else ptxas hoists the wait above that arithmetic).
+  if constexpr (kPdl && kPooled) griddep_wait_after(reinterpret_cast<uint64_t>(p.state_indices + b));
+  if constexpr (kPdl && !kPooled) griddep_wait();
+
+  int64_t state_head = head;  // flat (row or pool slot) * H + h of this block's S and z
+  if constexpr (kPooled) {
+    // A volatile load (ptx.h), so it stays below the wait.
+    int slot = AK_MUTANT(decode_pool_index_ignored) ? int(b) : ld_global_b32(p.state_indices + b);
+    if (AK_MUTANT(decode_pool_padding_written) && slot == -1) slot = p.P - 1;
+    if (AK_MUTANT(decode_pool_bad_index_written) && slot != -1) slot = min(max(slot, 0), p.P - 1);
+    if (unsigned(slot) >= unsigned(p.P)) {  // -1: padding, o = 0; anything else out of range: NaN
+      if (tid < T::kCols)
+        *reinterpret_cast<uint16_t*>(static_cast<In*>(p.o) + b * p.o_sb + h * p.o_sh + col0 + tid) =
+            slot == -1 ? uint16_t(0) : uint16_t(0x7fff);  // 0x7fff: NaN in fp16 and bf16
+      return;
+    }
+    state_head = int64_t(slot) * p.H + h;
+  }
 
   // Issue every state load first; nothing below the barrier depends on them until the update.
-  St* S = static_cast<St*>(p.S) + head * (kF * kValueDim) + col0 + cv * kVec;
+  St* S = static_cast<St*>(p.S) + state_head * (kF * kValueDim) + col0 + cv * kVec;
   uint4 s_raw[T::kIters];
 #pragma unroll
   for (int i = 0; i < T::kIters; ++i) {
@@ -136,7 +165,7 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
   load_in_vec<In, kVec>(static_cast<const In*>(p.v) + b * p.v_sb + h * p.v_sh + col0 + cv * kVec, v);
 
   // Thread f < 153 owns feature f: phi_f(k), phi_f(q) and its term of phi(q).z_new.
-  St* z = static_cast<St*>(p.z) + head * kF;
+  St* z = static_cast<St*>(p.z) + state_head * kF;
   float z_new = 0.f, den_part = 0.f;
   if (tid < kF) {
     const In* q = static_cast<const In*>(p.q) + b * p.q_sb + h * p.q_sh;
@@ -167,6 +196,11 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
     phik_s[tid] = fk, phiq_s[tid] = fq;
     z_new = StateElem<St>::load1(z + tid) + fk;
     den_part = fq * z_new;
+    // A pooled block cannot recompute z's address from blockIdx at the end (it came from a load); with no
+    // cluster to wait for, it stores z now instead of holding the address (a spill at 64 registers).
+    if constexpr (kEarlyZ) {
+      if (!AK_MUTANT(decode_z_not_updated)) StateElem<St>::store1(z + tid, z_new);
+    }
   }
   if constexpr (kSplit > 1) {
     // This block has read z (its value is used above); split 0 may overwrite it after the wait.
@@ -226,10 +260,11 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0) based_decode_kernel(const B
   }
 
   if constexpr (kSplit > 1) cluster_wait_acquire();
-  if (split == 0 && tid < kF && !AK_MUTANT(decode_z_not_updated)) StateElem<St>::store1(z + tid, z_new);
+  if (!kEarlyZ && split == 0 && tid < kF && !AK_MUTANT(decode_z_not_updated))
+    StateElem<St>::store1(z + tid, z_new);
 }
 
-template <typename In, typename St, int kSplit, bool kPdl>
+template <typename In, typename St, int kSplit, bool kPdl, bool kPooled>
 cudaError_t launch_split(const BasedDecodeParams& p, int64_t heads, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>((heads - (AK_MUTANT(decode_last_head) ? 1 : 0)) * kSplit));
@@ -244,7 +279,7 @@ cudaError_t launch_split(const BasedDecodeParams& p, int64_t heads, cudaStream_t
   attrs[1].val.clusterDim.z = 1;
   cfg.attrs = kPdl ? attrs : attrs + 1;
   cfg.numAttrs = int(kPdl) + int(kSplit > 1);
-  return cudaLaunchKernelEx(&cfg, based_decode_kernel<In, St, kSplit, kPdl>, p);
+  return cudaLaunchKernelEx(&cfg, based_decode_kernel<In, St, kSplit, kPdl, kPooled>, p);
 }
 
 // PDL takes 0.3-0.5 us of launch latency off a back-to-back step whose grid fits in about two waves
@@ -252,15 +287,21 @@ cudaError_t launch_split(const BasedDecodeParams& p, int64_t heads, cudaStream_t
 // at B*H = 2048..16384), so they launch plainly. Splits > 1 only ever serve small grids.
 constexpr int64_t kPdlMaxBlocks = 1024;
 
+template <typename In, typename St, bool kPooled>
+cudaError_t launch_pooled(const BasedDecodeParams& p, int64_t heads, int split, cudaStream_t stream) {
+  if (split == 1 && heads > kPdlMaxBlocks) return launch_split<In, St, 1, false, kPooled>(p, heads, stream);
+  switch (split) {
+    case 1: return launch_split<In, St, 1, true, kPooled>(p, heads, stream);
+    case 2: return launch_split<In, St, 2, true, kPooled>(p, heads, stream);
+    case 4: return launch_split<In, St, 4, true, kPooled>(p, heads, stream);
+    default: return launch_split<In, St, 8, true, kPooled>(p, heads, stream);
+  }
+}
+
 template <typename In, typename St>
 cudaError_t launch_typed(const BasedDecodeParams& p, int64_t heads, int split, cudaStream_t stream) {
-  if (split == 1 && heads > kPdlMaxBlocks) return launch_split<In, St, 1, false>(p, heads, stream);
-  switch (split) {
-    case 1: return launch_split<In, St, 1, true>(p, heads, stream);
-    case 2: return launch_split<In, St, 2, true>(p, heads, stream);
-    case 4: return launch_split<In, St, 4, true>(p, heads, stream);
-    default: return launch_split<In, St, 8, true>(p, heads, stream);
-  }
+  return p.state_indices ? launch_pooled<In, St, true>(p, heads, split, stream)
+                         : launch_pooled<In, St, false>(p, heads, split, stream);
 }
 
 // Launch with an explicit column split (1, 2, 4 or 8 blocks per head).
@@ -288,7 +329,8 @@ constexpr int64_t kMinBlocks = 64;
 }  // namespace
 
 cudaError_t based_decode_launch(const BasedDecodeParams& p, cudaStream_t stream) {
-  if (!is_io_dtype(p.dtype) || !is_state_dtype(p.state_dtype) || p.B < 0 || p.H < 0)
+  if (!is_io_dtype(p.dtype) || !is_state_dtype(p.state_dtype) || p.B < 0 || p.H < 0 ||
+      (p.state_indices && p.P < 0))
     return cudaErrorInvalidValue;
   const int64_t heads = int64_t(p.B) * p.H;
   int split = 1;

@@ -28,6 +28,9 @@
 #define AK_MUTANT_decode_normalize_ignored 14   // the numerator-only mode still divides
 #define AK_MUTANT_decode_pair_order 15     // the x_i x_j features enumerated column-major, not row-major
 #define AK_MUTANT_decode_last_head 16      // the grid misses the last (b, h) head
+#define AK_MUTANT_decode_pool_index_ignored 25  // state pool: row b uses slot b, not state_indices[b]
+#define AK_MUTANT_decode_pool_padding_written 26  // state pool: a padding row (-1) updates slot P - 1
+#define AK_MUTANT_decode_pool_bad_index_written 27  // state pool: an out-of-range index is clamped into [0, P)
 // sliding_window_decode
 #define AK_MUTANT_swd_window_off_by_one 17  // the slot about to be overwritten is attended too (W + 1 keys)
 #define AK_MUTANT_swd_unwritten_slots 18   // slots never written (position < window - 1) are attended
