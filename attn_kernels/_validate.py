@@ -99,3 +99,42 @@ def state_pair(op: str, name: str, state, B: int, H: int, e: int, device: torch.
         names = " or ".join(str(d) for d in cuda_dtypes)
         raise TypeError(f"{op}: {name} dtype must be {names} on CUDA, got {S.dtype}")
     return S, z
+
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """Values can be checked on the host unless tracing (torch.compile) or capturing a CUDA graph (where
+    reading them would synchronize). There the kernels refuse bad values themselves (spec.md)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def index_tensor(op: str, name: str, idx, n_rows: int, pool_size: int, device: torch.device) -> torch.Tensor:
+    """Per-row indices into a pool of pool_size rows (spec.md, "Serving variants"): an int32 tensor (n_rows,)
+    on `device`. Where values can be read (can_read_values) they are checked too (index_values)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype != torch.int32:
+        raise TypeError(f"{op}: {name}.dtype must be torch.int32, got {idx.dtype}")
+    if idx.device != device:
+        raise TypeError(f"{op}: {name} must be on the inputs' device {device}, got {idx.device}")
+    if tuple(idx.shape) != (n_rows,):
+        raise ValueError(f"{op}: {name}.shape must be ({n_rows},), got {tuple(idx.shape)}")
+    if can_read_values(idx):
+        index_values(op, name, idx, pool_size)
+    return idx
+
+
+def index_values(op: str, name: str, idx: torch.Tensor, pool_size: int) -> None:
+    """Each index in [-1, pool_size) (-1 = a padding row), and no pool row named by two rows (-1 may
+    repeat). Reads the values on the host (one copy)."""
+    values = idx.tolist()
+    for row, v in enumerate(values):
+        if not -1 <= v < pool_size:
+            raise ValueError(f"{op}: {name}[{row}] must be in [-1, {pool_size}) (a row of the pool of "
+                             f"{pool_size}, or -1 for padding), got {v}")
+    first: dict[int, int] = {}
+    for row, v in enumerate(values):
+        if v >= 0 and first.setdefault(v, row) != row:
+            raise ValueError(f"{op}: {name} names pool row {v} twice (rows {first[v]} and {row}); only -1 "
+                             "(padding) may repeat")

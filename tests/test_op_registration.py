@@ -44,12 +44,21 @@ def swd_args(device):
             torch.tensor([3, 40], dtype=torch.int32, device=device), 0.125)
 
 
+def swd_pooled_args(device):
+    """Pools of 5 rows for 2 sequences: row 3, and a padding row (-1)."""
+    dt = _dtype(device)
+    q, kn, vn, _, _, positions, scale = swd_args(device)
+    pools = (torch.randn(5, 3, 16, 64, device=device, dtype=dt) for _ in range(2))
+    return (q, kn, vn, *pools, positions, scale, torch.tensor([3, -1], dtype=torch.int32, device=device))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,make", [
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
     pytest.param("based_prefill", lambda d: prefill_args(d, init=False, return_state=False), id="based_prefill-plain"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
+    pytest.param("sliding_window_decode", swd_pooled_args, id="sliding_window_decode-pooled"),
 ])
 def test_opcheck(op, make, device):
     torch.library.opcheck(getattr(torch.ops.attn_kernels, op).default, make(device))
@@ -86,6 +95,25 @@ def test_torch_compile_fullgraph_traces_all_ops(device):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(swd[3], caches_eager[0])
     torch.testing.assert_close(swd[4], caches_eager[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_traces_the_pooled_call(device):
+    """sliding_window_decode with cache_indices compiled (no host check of the indices while tracing): the
+    eager output, and the pools mutated like eager does."""
+    q, kn, vn, k_pool, v_pool, positions, _, idx = swd_pooled_args(device)
+
+    def step(k_pool, v_pool, idx):
+        return ak.sliding_window_decode(q, kn, vn, k_pool, v_pool, positions, window=16, cache_indices=idx)
+
+    k_initial = k_pool.clone()
+    pools_eager = (k_pool.clone(), v_pool.clone())
+    eager = step(*pools_eager, idx)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(k_pool, v_pool, idx)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(k_pool, pools_eager[0])
+    torch.testing.assert_close(v_pool, pools_eager[1])
+    assert not torch.equal(k_pool[3], k_initial[3]) and torch.equal(k_pool[:3], k_initial[:3])  # row 3 only
 
 
 def test_cuda_dispatch_is_the_compiled_kernel():
