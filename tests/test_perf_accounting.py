@@ -117,8 +117,14 @@ _PREFILL_SHAPES = ["B16-H16-N1024", "B16-H16-N2048", "B16-H16-N4096", "B16-H16-N
 _NEW_PREFILL_SHAPES = ["B1-H16-N65536", "B2-H32-N8192"]
 _PREFILL_IMPLS = ["attn_kernels-norm", "attn_kernels-num", "torch-norm", "torch_compile-norm",
                   "fla_parallel-norm", "fla_fused_chunk-norm", "fla_fused_recurrent-norm"]
+# Issue 17: sliding_window_decode with cache pools at every shape attn_kernels runs.
+_SWD_ID = ("perf/test_perf_sliding_window_decode.py::test_perf_sliding_window_decode"
+           "[attn_kernels-pooled-{}-bf16]")
+_SWD_SHAPES = ["B1-H16-W64-e64", "B16-H16-W64-e64", "B64-H16-W64-e64", "B256-H16-W64-e64", "B256-H32-W64-e64",
+               "B256-H16-W64-e128", "B256-H16-W256-e64"]
 NEW_IDS = ({_PREFILL_ID.format(f"thunderkittens-num-{s}") for s in _PREFILL_SHAPES + _NEW_PREFILL_SHAPES}
-           | {_PREFILL_ID.format(f"{i}-{s}") for i in _PREFILL_IMPLS for s in _NEW_PREFILL_SHAPES})
+           | {_PREFILL_ID.format(f"{i}-{s}") for i in _PREFILL_IMPLS for s in _NEW_PREFILL_SHAPES}
+           | {_SWD_ID.format(s) for s in _SWD_SHAPES})
 
 
 def test_collected_ids_cover_the_newest_baseline():
@@ -132,7 +138,7 @@ def test_collected_ids_cover_the_newest_baseline():
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
     cases = {fullname: (params, impl, shape, op) for name in OP_MODULES
              for fullname, params, impl, shape, op in _cases(name)}
-    assert len(NEW_IDS) == 23 and NEW_IDS <= set(collected)
+    assert len(NEW_IDS) == 30 and NEW_IDS <= set(collected)
     assert sorted(collected) == sorted(cases) and len(collected) == len(set(collected)) == 124 + len(NEW_IDS)
     for path in _newest_baselines():
         baseline = json.loads(path.read_text())
