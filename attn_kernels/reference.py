@@ -185,7 +185,7 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
     p % window (copies: the arguments are left untouched), o = softmax attention over the last `window`
     positions [max(0, p - window + 1), p]. Computes in q's dtype.
 
-    With cache_indices ((B,) int, planned API, spec.md "sliding_window_decode with cache pools") the caches
+    With cache_indices ((B,) int, spec.md "sliding_window_decode with cache pools") the caches
     are pools (P, H, window, e) and row b uses pool row cache_indices[b]: -1 is a padding row (output zeros,
     nothing written, its position ignored); an index >= P or < -1 writes nothing and gives a NaN output."""
     if cache_indices is not None:

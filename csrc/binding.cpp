@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <climits>
 #include <initializer_list>
+#include <limits>
 
 #include "based_decode/based_decode.h"
 #include "based_prefill/based_prefill.h"
@@ -183,22 +184,30 @@ at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, con
 
 at::Tensor sliding_window_decode_cuda(const at::Tensor& q_in, const at::Tensor& kn_in, const at::Tensor& vn_in,
                                       at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& positions,
-                                      double scale) {
+                                      double scale, const std::optional<at::Tensor>& cache_indices) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   TORCH_CHECK(q_in.dim() == 3 && kn_in.sizes() == q_in.sizes() && vn_in.sizes() == q_in.sizes(),
               "sliding_window_decode: q, k_new, v_new must be (B, H, e)");
   const int B = q_in.size(0), H = q_in.size(1), e = q_in.size(2);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B &&
+  const bool pooled = cache_indices.has_value();
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && (pooled || k_cache.size(0) == B) &&
                   k_cache.size(1) == H && k_cache.size(3) == e,
-              "sliding_window_decode: caches must be (B, H, window, e)");
+              "sliding_window_decode: caches must be (B, H, window, e), or (P, H, window, e) pools with "
+              "cache_indices");
   TORCH_CHECK(positions.scalar_type() == at::kInt && positions.numel() == B && positions.is_cuda(),
               "sliding_window_decode: positions must be a (B,) int32 CUDA tensor");
+  TORCH_CHECK(!pooled || (cache_indices->scalar_type() == at::kInt && cache_indices->numel() == B &&
+                          cache_indices->device() == q_in.device() && k_cache.size(0) >= 1 &&
+                          k_cache.size(0) <= std::numeric_limits<int>::max()),
+              "sliding_window_decode: cache_indices must be a (B,) int32 tensor on q's device, the pools "
+              "non-empty");
   // The caches are updated in place, so they cannot be copied to fix their alignment.
   TORCH_CHECK(vector_friendly(k_cache).data_ptr() == k_cache.data_ptr() &&
                   vector_friendly(v_cache).data_ptr() == v_cache.data_ptr(),
               "sliding_window_decode: caches must be 16-byte aligned with strides that are multiples of 16 bytes");
   const at::Tensor q = vector_friendly(q_in), kn = vector_friendly(kn_in), vn = vector_friendly(vn_in);
   const at::Tensor pos = positions.contiguous();
+  const at::Tensor index = pooled ? cache_indices->contiguous() : at::Tensor();
   at::Tensor o = output_like(q_in);
 
   SlidingWindowDecodeParams p{};
@@ -210,6 +219,8 @@ at::Tensor sliding_window_decode_cuda(const at::Tensor& q_in, const at::Tensor& 
   copy_strides(k_cache, {&p.kc_sb, &p.kc_sh, &p.kc_sw});
   copy_strides(v_cache, {&p.vc_sb, &p.vc_sh, &p.vc_sw});
   p.positions = pos.data_ptr<int32_t>();
+  p.cache_indices = pooled ? index.data_ptr<int32_t>() : nullptr;
+  p.pool_rows = pooled ? int(k_cache.size(0)) : 0;
   p.o = o.data_ptr();
   copy_strides(o, {&p.o_sb, &p.o_sh});
   p.B = B; p.H = H; p.window = k_cache.size(2); p.e = e;

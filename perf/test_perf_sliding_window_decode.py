@@ -3,6 +3,8 @@ K calls over K rotating input/cache sets (perf.measure.bench_graph), as decode i
 implementations are the ``IMPLS`` records (perf.impls.Impl).
 
 attn_kernels and the reference include the cache append; the attention-only peers do not (issue 5).
+attn_kernels-pooled is attn_kernels with cache pools: rows of pools of P = 2B rows named by shuffled
+cache_indices (issue 17), at every shape attn_kernels runs (target: <= 1.05x attn_kernels).
 Ids: test_perf_sliding_window_decode[<impl>-B<B>-H<H>-W<W>-e<e>-bf16].
 """
 from __future__ import annotations
@@ -70,6 +72,14 @@ def _ring_set(s: Shape):
     return _r(B, H, e), _r(B, H, e), _r(B, H, e), _r(B, H, W, e), _r(B, H, W, e), _positions(B, W)
 
 
+def _pooled_set(s: Shape):
+    """As _ring_set, with (2B, H, W, e) pools for caches and the pool row of each sequence, shuffled."""
+    B, H, W, e = s
+    rows = torch.randperm(2 * B, device="cuda")[:B].to(torch.int32)
+    pools = _r(2 * B, H, W, e), _r(2 * B, H, W, e)
+    return _r(B, H, e), _r(B, H, e), _r(B, H, e), *pools, _positions(B, W), rows
+
+
 def _last_w_set(s: Shape):
     """q (B, H, 1, e) and the last W keys / values as contiguous (B, H, W, e) buffers: SDPA, flex."""
     return _r(s.B, s.H, 1, s.e), _r(s.B, s.H, s.W, s.e), _r(s.B, s.H, s.W, s.e)
@@ -94,6 +104,13 @@ def _varlen_set(s: Shape):
 def _ours(ak, s: Shape):
     def step(q, kn, vn, kc, vc, pos):
         return ak.sliding_window_decode(q, kn, vn, kc, vc, pos, window=s.W)
+
+    return step
+
+
+def _ours_pooled(ak, s: Shape):
+    def step(q, kn, vn, kc, vc, pos, rows):
+        return ak.sliding_window_decode(q, kn, vn, kc, vc, pos, window=s.W, cache_indices=rows)
 
     return step
 
@@ -159,6 +176,7 @@ def _impl(name: str, step, inputs, *, source: str = TORCH, module: str | None = 
 
 IMPLS = [
     _impl("attn_kernels", _ours, _ring_set, source=OURS),
+    _impl("attn_kernels-pooled", _ours_pooled, _pooled_set, source=OURS),  # footprint: the B rows read
     _impl("torch", _reference, _ring_set, module="attn_kernels.reference", missing=REFERENCE_MISSING),
     _impl("sdpa_cudnn", _sdpa, _last_w_set, context=sdpa_backend("CUDNN_ATTENTION")),
     _impl("sdpa_flash", _sdpa, _last_w_set, context=sdpa_backend("FLASH_ATTENTION")),
@@ -174,8 +192,8 @@ CASES = [
     pytest.param(impl.name, B, H, 64, 64, id=f"{impl.name}-B{B}-H{H}-W64-e64-bf16")
     for (B, H) in SHAPES
     for impl in IMPLS
-] + [pytest.param("attn_kernels", B, H, W, e, id=f"attn_kernels-B{B}-H{H}-W{W}-e{e}-bf16")
-     for (B, H, W, e) in OURS_ONLY]
+] + [pytest.param(name, B, H, W, e, id=f"{name}-B{B}-H{H}-W{W}-e{e}-bf16")
+     for (B, H, W, e) in OURS_ONLY for name in ("attn_kernels", "attn_kernels-pooled")]
 
 
 @pytest.mark.parametrize("impl,B,H,W,e", CASES)

@@ -73,6 +73,14 @@ def swp_args(device, varlen=False):
     return (q, k, v, kc, vc, 0.125, cu, 70, idx)
 
 
+def swd_pooled_args(device):
+    """Pools of 5 rows for 2 sequences: row 3, and a padding row (-1)."""
+    dt = _dtype(device)
+    q, kn, vn, _, _, positions, scale = swd_args(device)
+    pools = (torch.randn(5, 3, 16, 64, device=device, dtype=dt) for _ in range(2))
+    return (q, kn, vn, *pools, positions, scale, torch.tensor([3, -1], dtype=torch.int32, device=device))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,make", [
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
@@ -83,6 +91,7 @@ def swp_args(device, varlen=False):
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
     pytest.param("sliding_window_prefill", swp_args, id="sliding_window_prefill"),
     pytest.param("sliding_window_prefill", lambda d: swp_args(d, varlen=True), id="sliding_window_prefill-varlen"),
+    pytest.param("sliding_window_decode", swd_pooled_args, id="sliding_window_decode-pooled"),
 ])
 def test_opcheck(op, make, device):
     torch.library.opcheck(getattr(torch.ops.attn_kernels, op).default, make(device))
@@ -122,6 +131,25 @@ def test_torch_compile_fullgraph_traces_all_ops(device):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(swd[3], caches_eager[0])
     torch.testing.assert_close(swd[4], caches_eager[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_traces_the_pooled_call(device):
+    """sliding_window_decode with cache_indices compiled (no host check of the indices while tracing): the
+    eager output, and the pools mutated like eager does."""
+    q, kn, vn, k_pool, v_pool, positions, _, idx = swd_pooled_args(device)
+
+    def step(k_pool, v_pool, idx):
+        return ak.sliding_window_decode(q, kn, vn, k_pool, v_pool, positions, window=16, cache_indices=idx)
+
+    k_initial = k_pool.clone()
+    pools_eager = (k_pool.clone(), v_pool.clone())
+    eager = step(*pools_eager, idx)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(k_pool, v_pool, idx)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(k_pool, pools_eager[0])
+    torch.testing.assert_close(v_pool, pools_eager[1])
+    assert not torch.equal(k_pool[3], k_initial[3]) and torch.equal(k_pool[:3], k_initial[:3])  # row 3 only
 
 
 def test_cuda_dispatch_is_the_compiled_kernel():

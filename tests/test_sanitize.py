@@ -73,3 +73,18 @@ def test_sliding_window_prefill(N, W, e, varlen):
     o = ak.sliding_window_prefill(q, k, v, k_cache, v_cache, window=W, cu_seqlens=cu)
     torch.cuda.synchronize()
     assert_written("o", o)
+
+
+@pytest.mark.parametrize("W,e", [(16, 64), (256, 128)], ids=["W16-e64", "W256-e128"])
+def test_sliding_window_decode_pooled(W, e):
+    """Cache pools: shuffled rows, padding, and indices out of range given to the op itself (no host check):
+    nothing read or written outside the pools; o written everywhere, NaN exactly on the out-of-range rows."""
+    B, H, P = 6, 3, 9
+    q, kn, vn = (torch.randn(B, H, e, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k_pool, v_pool = (torch.randn(P, H, W, e, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.tensor([0, 5, W, 3 * W + 1, 2, 7], dtype=torch.int32, device="cuda")
+    idx = torch.tensor([4, -1, P, 0, -5, 2**31 - 1], dtype=torch.int32, device="cuda")
+    o = torch.ops.attn_kernels.sliding_window_decode(q, kn, vn, k_pool, v_pool, pos, e ** -0.5, idx)
+    torch.cuda.synchronize()
+    assert torch.isnan(o[[2, 4, 5]]).all() and torch.equal(o[1], torch.zeros_like(o[1]))
+    assert_written("o (pool rows)", o[[0, 3]])

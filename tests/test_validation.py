@@ -26,6 +26,12 @@ def good_swd(e=64, W=8):
                 positions=torch.tensor([0, 9], dtype=torch.int32), window=W)
 
 
+def good_swd_pooled(P=5):
+    """Pools of P = 5 rows for B = 2 sequences: rows 3 and 0."""
+    return dict(good_swd(), k_cache=torch.randn(P, H, 8, 64), v_cache=torch.randn(P, H, 8, 64),
+                cache_indices=torch.tensor([3, 0], dtype=torch.int32))
+
+
 def call(op, args, **override):
     args = {**args, **override}
     if op is ak.based_prefill:
@@ -223,6 +229,38 @@ SWD = [
 ]
 
 
+I32 = dict(dtype=torch.int32)
+SWD_POOLED = [
+    ("indices-list", dict(cache_indices=[3, 0]), TypeError, ["cache_indices must be a torch.Tensor", "list"]),
+    ("indices-int64", dict(cache_indices=torch.tensor([3, 0])), TypeError,
+     ["cache_indices.dtype must be torch.int32", "torch.int64"]),
+    ("indices-float", dict(cache_indices=torch.tensor([3.0, 0.0])), TypeError, ["cache_indices.dtype must be"]),
+    ("indices-length", dict(cache_indices=torch.tensor([3, 0, 1], **I32)), ValueError,
+     ["cache_indices.shape must be (2,)", "(3,)"]),
+    ("indices-2d", dict(cache_indices=torch.tensor([[3, 0]], **I32)), ValueError,
+     ["cache_indices.shape must be (2,)", "(1, 2)"]),
+    ("index-equals-P", dict(cache_indices=torch.tensor([3, 5], **I32)), ValueError,
+     ["cache_indices[1] must be in [-1, 5)", "got 5"]),
+    ("index-below-minus-one", dict(cache_indices=torch.tensor([-2, 0], **I32)), ValueError,
+     ["cache_indices[0] must be in [-1, 5)", "got -2"]),
+    ("index-duplicate", dict(cache_indices=torch.tensor([4, 4], **I32)), ValueError,
+     ["cache_indices names pool row 4 twice", "rows 0 and 1"]),
+    ("v-pool-P-differs", dict(v_cache=t(4, H, 8, 64)), ValueError,
+     ["v_cache.shape must be (5, 3, 8, 64)", "(4, 3, 8, 64)"]),
+    ("k-pool-H-differs", dict(k_cache=t(5, H + 1, 8, 64)), ValueError, ["k_cache.shape must be (5, 3, 8, 64)"]),
+    ("pool-window-differs", dict(window=16), ValueError,
+     ["k_cache.shape must be (5, 3, 16, 64)", "(5, 3, 8, 64)"]),
+    ("pool-e-differs", dict(v_cache=t(5, H, 8, 128)), ValueError, ["v_cache.shape must be (5, 3, 8, 64)"]),
+    ("pool-empty", dict(k_cache=t(0, H, 8, 64), v_cache=t(0, H, 8, 64)), ValueError,
+     ["k_cache must not be empty"]),
+    ("pool-rank3", dict(k_cache=t(5, H, 8)), ValueError, ["k_cache must have 4 dimensions"]),
+    ("pool-dtype", dict(v_cache=t(5, H, 8, 64, dtype=torch.float16)), TypeError,
+     ["v_cache.dtype must match q.dtype"]),
+    ("live-position-negative", dict(positions=torch.tensor([3, -1], **I32)), ValueError,
+     ["positions must be >= 0", "got -1"]),
+]
+
+
 def _check(op, good, override, exc, words):
     args = good()
     before = {n: a.clone() for n, a in args.items() if isinstance(a, torch.Tensor)}
@@ -273,6 +311,22 @@ def test_pooled_indices_may_repeat_padding_and_leave_slots_unnamed():
     assert (o == 0).all() and all(torch.equal(t, b) for t, b in zip(args["state"], before))
 
 
+@pytest.mark.parametrize("override,exc,words", [pytest.param(*c[1:], id=c[0]) for c in SWD_POOLED])
+def test_sliding_window_decode_pooled_rejects(override, exc, words):
+    _check(ak.sliding_window_decode, good_swd_pooled, override, exc, words)
+
+
+def test_pooled_padding_rows_may_repeat_and_have_any_position():
+    """-1 may repeat, and a padding row's position is ignored (also by the host check); a pool may be smaller
+    than the batch. Output zeros there, pools untouched."""
+    args = good_swd_pooled(P=1)
+    k_pool, v_pool = args["k_cache"].clone(), args["v_cache"].clone()
+    o = call(ak.sliding_window_decode, args, cache_indices=torch.tensor([-1, -1], **I32),
+             positions=torch.tensor([-4, 2], **I32))
+    assert torch.equal(o, torch.zeros_like(o))
+    assert torch.equal(args["k_cache"], k_pool) and torch.equal(args["v_cache"], v_pool)
+
+
 def test_decode_state_untouched_when_rejected():
     args = good_decode()
     S, z = args["state"]
@@ -303,6 +357,7 @@ def test_good_calls_pass():
     call(ak.based_decode, good_decode())
     call(ak.based_decode, good_pooled())
     call(ak.sliding_window_decode, good_swd())
+    call(ak.sliding_window_decode, good_swd_pooled())
 
 
 @requires_cuda
@@ -330,6 +385,21 @@ def test_pooled_device_mismatch_rejected(where):
         args["state"] = tuple(t.cuda() for t in args["state"])
         exc, words = TypeError, ["state_indices must be on the inputs' device cuda:0", "got cpu"]
     _check(ak.based_decode, lambda: args, {}, exc, words)
+
+
+def test_cache_indices_on_another_device_rejected():
+    _check(ak.sliding_window_decode, good_swd_pooled, dict(cache_indices=torch.tensor([3, 0], **I32).cuda()),
+           TypeError, ["cache_indices must be on the inputs' device cpu", "cuda:0"])
+
+
+@requires_cuda
+def test_pooled_values_are_checked_on_cuda_too():
+    """Outside graph capture the host reads CUDA indices as well (the kernel's NaN rule is for capture)."""
+    args = {n: a.cuda().bfloat16() if a.is_floating_point() else a.cuda() for n, a in good_swd_pooled().items()
+            if isinstance(a, torch.Tensor)}
+    bad = dict(cache_indices=torch.tensor([3, 7], **I32).cuda())
+    _check(ak.sliding_window_decode, lambda: dict(args, window=8), bad, ValueError,
+           ["cache_indices[1] must be in [-1, 5)", "got 7"])
 
 
 @requires_cuda

@@ -44,6 +44,10 @@
 #define AK_MUTANT_swp_varlen_boundary 28   // keys of the previous packed sequence are attended
 #define AK_MUTANT_swp_fully_masked_nan 29  // a row whose keys so far are all masked gives NaN (no -inf guard)
 #define AK_MUTANT_swp_bad_index_computed 30  // an out-of-range cache index gives computed outputs, not NaN
+#define AK_MUTANT_swd_pool_index_ignored 25  // pooled: row b uses pool row b, not cache_indices[b]
+#define AK_MUTANT_swd_pool_padding_written 26  // pooled: a padding row (-1) uses (writes) pool row 0
+#define AK_MUTANT_swd_pool_bad_index_written 27  // pooled: an out-of-range index uses (writes) pool row 0
+#define AK_MUTANT_swd_pool_stale_guess 28  // pooled: the pool row read before the PDL wait is never checked
 // the binding (csrc/binding.cpp)
 #define AK_MUTANT_binding_v_stride 22      // v's head stride taken from a contiguous layout
 #define AK_MUTANT_binding_state_dtype 23   // a bfloat16 initial state dropped (read as zeros)

@@ -4,6 +4,11 @@
 // Launched with programmatic dependent launch (PDL): in a stream or CUDA graph of back-to-back calls
 // a CTA starts while the previous grid drains and waits (griddepcontrol.wait) before its first
 // global access, so the launch latency overlaps the previous kernel.
+// Cache pools (cache_indices, kPooled): the pool row is read twice. Before the wait, as a guess (the
+// previous grid may still be writing cache_indices) at which the first cache loads are aimed, so they
+// go out right after the wait as in the contiguous kernel; after it, the value that decides
+// (take_row), reloading the cache rows when the guess missed. Reading the index only after the wait
+// would put one more memory round trip (~0.2-0.5 us, estimated) on every call's critical path.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,6 +21,14 @@ namespace attn_kernels {
 namespace {
 
 constexpr int kMaxSteps = 8;
+
+// A gpu-scope load: served by L2, never by a stale L1 line, and defined when it races with a write by
+// the previous grid (the guess of the pool row, read before griddepcontrol.wait).
+__device__ __forceinline__ int ld_relaxed_gpu_b32(const int32_t* ptr) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
 
 // One CTA per (b, h). A row of e elements is split into 16-byte chunks of 8 elements held by
 // kChunks consecutive lanes, so one warp load covers 32 / kChunks whole rows and the CTA covers
@@ -49,21 +62,24 @@ __device__ __forceinline__ float dot8(const float (&a)[8], const float (&b)[8]) 
 // front; every slot is in bounds whatever the position, so no load waits on it.
 template <int kSteps>
 struct ItemLoads {
+  int index;  // the pool row read after the wait (pooled kernel only)
   int pos;
   uint4 q, kn, vn;
   uint4 k[kSteps], v[kSteps];
 };
 
-template <typename T, int kE, int kSteps>
+template <typename T, int kE, int kSteps, bool kPooled>
 struct Item {
   using Tile = SwdTile<kE, kSteps>;
   static constexpr int kChunks = Tile::kChunks;
 
   int b, h, chunk, row, warp, lane;
+  int cache_row;  // the caches' first index: b, or b's pool row
 
   __device__ __forceinline__ Item(const SlidingWindowDecodeParams& p, int item) {
     b = item / p.H;
     h = item - b * p.H;
+    cache_row = b;
     warp = threadIdx.x / 32;
     lane = threadIdx.x % 32;
     chunk = lane % kChunks;
@@ -72,11 +88,11 @@ struct Item {
 
   // This thread's 8 values of the cache rows read at step i of the pass starting at slot `first`.
   __device__ __forceinline__ const T* k_row(const SlidingWindowDecodeParams& p, int first, int i) const {
-    return static_cast<const T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + chunk * 8 +
+    return static_cast<const T*>(p.k_cache) + cache_row * p.kc_sb + h * p.kc_sh + chunk * 8 +
            slot(p, first, i) * p.kc_sw;
   }
   __device__ __forceinline__ const T* v_row(const SlidingWindowDecodeParams& p, int first, int i) const {
-    return static_cast<const T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + chunk * 8 +
+    return static_cast<const T*>(p.v_cache) + cache_row * p.vc_sb + h * p.vc_sh + chunk * 8 +
            slot(p, first, i) * p.vc_sw;
   }
   __device__ __forceinline__ int slot(const SlidingWindowDecodeParams& p, int first, int i) const {
@@ -95,14 +111,16 @@ struct Item {
   // The addresses of an item's first loads, computed apart from the loads so that a PDL launch can
   // do this arithmetic (a division and 64-bit strides) before it waits on the previous grid.
   struct Addrs {
+    const int32_t* index;  // pooled kernel only
     const int32_t* pos;
     const T *q, *kn, *vn;
     const T *k[kSteps], *v[kSteps];
     // Waits on the previous grid (PDL) only once every address is computed: the wait is predicated
     // on an OR of all of them (never 0), else ptxas hoists it to the kernel's first instruction.
     __device__ __forceinline__ void wait_after() const {
-      uint64_t any = reinterpret_cast<uint64_t>(pos) | reinterpret_cast<uint64_t>(q) |
-                     reinterpret_cast<uint64_t>(kn) | reinterpret_cast<uint64_t>(vn);
+      uint64_t any = reinterpret_cast<uint64_t>(index) | reinterpret_cast<uint64_t>(pos) |
+                     reinterpret_cast<uint64_t>(q) | reinterpret_cast<uint64_t>(kn) |
+                     reinterpret_cast<uint64_t>(vn);
 #pragma unroll
       for (int i = 0; i < kSteps; ++i)
         any |= reinterpret_cast<uint64_t>(k[i]) | reinterpret_cast<uint64_t>(v[i]);
@@ -112,6 +130,7 @@ struct Item {
 
   __device__ __forceinline__ Addrs first_addrs(const SlidingWindowDecodeParams& p) const {
     Addrs a;
+    a.index = kPooled ? p.cache_indices + b : nullptr;
     a.pos = p.positions + b;
     a.q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + chunk * 8;
     a.kn = static_cast<const T*>(p.k_new) + b * p.kn_sb + h * p.kn_sh + chunk * 8;
@@ -124,16 +143,64 @@ struct Item {
     return a;
   }
 
-  static __device__ __forceinline__ void load_first(const Addrs& a, ItemLoads<kSteps>& L) {
+  // cache_loads false (the pooled kernel's guess was no pool row): no cache loads yet.
+  static __device__ __forceinline__ void load_first(const Addrs& a, bool cache_loads, ItemLoads<kSteps>& L) {
+    if constexpr (kPooled) L.index = ld_relaxed_gpu_b32(a.index);
     L.pos = ld_global_b32(a.pos);
     L.q = ld_global16<Tile::kStreamHint>(a.q);
     L.kn = ld_global16<Tile::kStreamHint>(a.kn);
     L.vn = ld_global16<Tile::kStreamHint>(a.vn);
+    if (cache_loads) {
 #pragma unroll
-    for (int i = 0; i < kSteps; ++i) {
-      L.k[i] = ld_global16<Tile::kStreamHint>(a.k[i]);
-      L.v[i] = ld_global16<Tile::kStreamHint>(a.v[i]);
+      for (int i = 0; i < kSteps; ++i) {
+        L.k[i] = ld_global16<Tile::kStreamHint>(a.k[i]);
+        L.v[i] = ld_global16<Tile::kStreamHint>(a.v[i]);
+      }
     }
+  }
+
+  // Pooled: aims cache_row at the guess of b's pool row, read before the wait. Returns whether the
+  // guess is a pool row (else nothing is loaded from the caches until take_row). Contiguous: true.
+  __device__ __forceinline__ bool guess_row(const SlidingWindowDecodeParams& p) {
+    if constexpr (kPooled) {
+      const int guess = ld_relaxed_gpu_b32(p.cache_indices + b);
+      const bool in_pool = unsigned(guess) < unsigned(p.pool_rows);
+      cache_row = in_pool ? guess : 0;
+      return in_pool;
+    } else {
+      return true;
+    }
+  }
+
+  // Pooled: the index read after the wait decides. A pool row: attend over it (true), reloading the
+  // first pass when the guess was another row. Padding (-1): o = 0. Any other value (the host refuses
+  // it outside graph capture and torch.compile): o = NaN, as for a negative position. Neither of those
+  // two reads or writes the pool (false).
+  __device__ __forceinline__ bool take_row(const SlidingWindowDecodeParams& p, bool guessed,
+                                           ItemLoads<kSteps>& L) {
+    if constexpr (kPooled) {
+      const int index = AK_MUTANT(swd_pool_index_ignored) ? b : L.index;
+      const bool in_pool = unsigned(index) < unsigned(p.pool_rows);
+      const bool pad = index == -1;
+      if (!in_pool &&
+          !(pad ? AK_MUTANT(swd_pool_padding_written) : AK_MUTANT(swd_pool_bad_index_written))) {
+        if (threadIdx.x < kChunks) {
+          const uint32_t fill = pad ? 0u : pack2<T>(__int_as_float(0x7fffffff), __int_as_float(0x7fffffff));
+          store_o(p, make_uint4(fill, fill, fill, fill));
+        }
+        return false;
+      }
+      const int pool_row = in_pool ? index : 0;
+      if (!guessed || (pool_row != cache_row && !AK_MUTANT(swd_pool_stale_guess))) {
+        cache_row = pool_row;
+        load_pass(p, 0, L);
+      }
+    }
+    return true;
+  }
+
+  __device__ __forceinline__ void store_o(const SlidingWindowDecodeParams& p, const uint4& out) const {
+    st_global16(static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + chunk * 8, out);
   }
 
   // Append, attend, write o (sm_acc, sm_ml: the CTA's cross-warp reduction buffers).
@@ -163,9 +230,11 @@ struct Item {
     for (int off = 1; off < kChunks; off *= 2) s_new += __shfl_xor_sync(0xffffffffu, s_new, off);
 
     if (ok && threadIdx.x < kChunks) {
-      st_global16(static_cast<T*>(p.k_cache) + b * p.kc_sb + h * p.kc_sh + newest * p.kc_sw + chunk * 8,
+      st_global16(static_cast<T*>(p.k_cache) + cache_row * p.kc_sb + h * p.kc_sh + newest * p.kc_sw +
+                      chunk * 8,
                   L.kn);
-      st_global16(static_cast<T*>(p.v_cache) + b * p.vc_sb + h * p.vc_sh + newest * p.vc_sw + chunk * 8,
+      st_global16(static_cast<T*>(p.v_cache) + cache_row * p.vc_sb + h * p.vc_sh + newest * p.vc_sw +
+                      chunk * 8,
                   L.vn);
     }
 
@@ -265,31 +334,35 @@ struct Item {
     out.y = pack2<T>(o[2] * inv, o[3] * inv);
     out.z = pack2<T>(o[4] * inv, o[5] * inv);
     out.w = pack2<T>(o[6] * inv, o[7] * inv);
-    st_global16(static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + chunk * 8, out);
+    store_o(p, out);
   }
 };
 
-// One CTA per (b, h).
-template <typename T, int kE, int kSteps>
+// One CTA per (b, h); kPooled: the caches are pools addressed through cache_indices.
+template <typename T, int kE, int kSteps, bool kPooled>
 __global__ void __launch_bounds__(SwdTile<kE, kSteps>::kThreads, SwdTile<kE, kSteps>::kMinBlocks)
     sliding_window_decode_kernel(const SlidingWindowDecodeParams p) {
   using Tile = SwdTile<kE, kSteps>;
   __shared__ float4 sm_acc[Tile::kWarps][kE / 4];
   __shared__ float2 sm_ml[Tile::kWarps];
-  const Item<T, kE, kSteps> it(p, blockIdx.x);
+  Item<T, kE, kSteps, kPooled> it(p, blockIdx.x);
+  const bool guessed = it.guess_row(p);
   const auto addrs = it.first_addrs(p);
   addrs.wait_after();
   ItemLoads<kSteps> L;
-  it.load_first(addrs, L);
+  it.load_first(addrs, guessed, L);
   // A memory-ordering point that ptxas does not sink loads below: every load above is in flight
   // before the first instruction that waits on one (SASS).
   __syncwarp();
   griddep_launch_dependents();
+  // Uniform over the CTA: every thread read the same index after the wait.
+  if (!it.take_row(p, guessed, L)) return;
   it.finish(p, L, sm_acc, sm_ml);
 }
 
 // Launch with the PDL attribute (also captured into CUDA graphs as a programmatic edge); the kernel
-// waits on the previous grid before touching memory, so any predecessor is safe.
+// waits on the previous grid before touching memory (the pooled kernel's guess of its pool row aside,
+// which it checks after the wait), so any predecessor is safe.
 template <typename K>
 cudaError_t launch_kernel(K kernel, int grid, int threads, const SlidingWindowDecodeParams& p,
                           cudaStream_t stream) {
@@ -309,7 +382,10 @@ cudaError_t launch_kernel(K kernel, int grid, int threads, const SlidingWindowDe
 template <typename T, int kE, int kSteps>
 cudaError_t launch(const SlidingWindowDecodeParams& p, cudaStream_t stream) {
   using Tile = SwdTile<kE, kSteps>;
-  return launch_kernel(sliding_window_decode_kernel<T, kE, kSteps>, p.B * p.H, Tile::kThreads, p, stream);
+  const int grid = p.B * p.H;
+  if (p.cache_indices)
+    return launch_kernel(sliding_window_decode_kernel<T, kE, kSteps, true>, grid, Tile::kThreads, p, stream);
+  return launch_kernel(sliding_window_decode_kernel<T, kE, kSteps, false>, grid, Tile::kThreads, p, stream);
 }
 
 // The fewest steps (1, 2, 4 or 8) whose pass covers the window; wider windows take several
@@ -332,7 +408,7 @@ cudaError_t launch_dtype(const SlidingWindowDecodeParams& p, cudaStream_t stream
 
 cudaError_t sliding_window_decode_launch(const SlidingWindowDecodeParams& p, cudaStream_t stream) {
   if (!swd_head_size_ok(p.e) || p.window < 1 || p.window > kSwdMaxWindow || p.B < 0 || p.H < 0 ||
-      !is_io_dtype(p.dtype))
+      !is_io_dtype(p.dtype) || (p.cache_indices && p.pool_rows < 1))
     return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
   return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, stream)
