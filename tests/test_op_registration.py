@@ -40,6 +40,16 @@ def prefill_varlen_args(device):
     return (q, k, v, 0.25, True, 1e-6, S0, z0, True, cu, 40)
 
 
+def prefill_pool_args(device):
+    """Two sequences' final states into slots 3 and (padding) nowhere of a 5-slot pool."""
+    dt = _dtype(device)
+    q, k = (torch.randn(2, 3, 70, 16, device=device, dtype=dt) for _ in range(2))
+    v = torch.randn(2, 3, 70, 64, device=device, dtype=dt)
+    pool = (torch.rand(5, 3, 153, 64, device=device), torch.rand(5, 3, 153, device=device))
+    idx = torch.tensor([3, -1], dtype=torch.int32, device=device)
+    return (q, k, v, 0.25, True, 1e-6, None, None, False, None, 0, *pool, idx)
+
+
 def decode_args(device):
     dt = _dtype(device)
     return (torch.randn(2, 3, 16, device=device, dtype=dt), torch.randn(2, 3, 16, device=device, dtype=dt),
@@ -86,6 +96,7 @@ def swd_pooled_args(device):
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
     pytest.param("based_prefill", lambda d: prefill_args(d, init=False, return_state=False), id="based_prefill-plain"),
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
+    pytest.param("based_prefill", prefill_pool_args, id="based_prefill-pool"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("based_decode", pooled_decode_args, id="based_decode-pooled"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
@@ -106,7 +117,7 @@ def test_schemas_declare_in_place_mutation():
     assert [a.name for a in swd.arguments if a.is_write] == ["k_cache", "v_cache"]
     swp = torch.ops.attn_kernels.sliding_window_prefill.default._schema
     assert [a.name for a in swp.arguments if a.is_write] == ["k_cache", "v_cache"]
-    assert not any(a.is_write for a in prefill.arguments)
+    assert [a.name for a in prefill.arguments if a.is_write] == ["pool_S", "pool_z"]  # a state pool, if given
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -126,6 +126,38 @@ def test_based_prefill_varlen_rejects(override, exc, words):
     _check(ak.based_prefill, good_varlen, override, exc, words)
 
 
+def _prefill_pool(P=4, **kw):
+    return (torch.zeros(P, H, 153, 64, **kw), torch.zeros(P, H, 153, **kw))
+
+
+PREFILL_POOL = [
+    ("pool-alone", dict(state_indices=None), ValueError, ["state (a pool) and state_indices go together", "state alone"]),
+    ("indices-alone", dict(state=None), ValueError, ["go together", "state_indices alone"]),
+    ("with-return-state", dict(return_state=True), ValueError, ["pass return_state=False"]),
+    ("pool-H", dict(state=(torch.zeros(4, H + 1, 153, 64), torch.zeros(4, H + 1, 153))), ValueError,
+     ["state[0] (S).shape must be (4, 3, 153, 64)", "(4, 4, 153, 64)"]),
+    ("pool-P-differs", dict(state=(torch.zeros(4, H, 153, 64), torch.zeros(5, H, 153))), ValueError,
+     ["state[1] (z).shape must be (4, 3, 153)", "(5, 3, 153)"]),
+    ("pool-strided", dict(state=(torch.zeros(8, H, 153, 64)[::2], torch.zeros(4, H, 153))), ValueError,
+     ["state[0] (S) must be contiguous to be updated in place"]),
+    ("indices-int64", dict(state_indices=torch.tensor([0, 1], dtype=torch.int64)), TypeError,
+     ["state_indices.dtype must be torch.int32", "torch.int64"]),
+    ("indices-short", dict(state_indices=torch.tensor([0], dtype=torch.int32)), ValueError,
+     ["state_indices.shape must be (2,)", "(1,)"]),
+    ("index-equals-P", dict(state_indices=torch.tensor([0, 4], dtype=torch.int32)), ValueError,
+     ["state_indices must be -1 (padding) or a slot in [0, 4)", "got 4 at row 1"]),
+    ("index-duplicate", dict(state_indices=torch.tensor([2, 2], dtype=torch.int32)), ValueError,
+     ["state_indices must not repeat a slot", "slot 2 at rows [0, 1]"]),
+]
+
+
+@pytest.mark.parametrize("override,exc,words", [pytest.param(*c[1:], id=c[0]) for c in PREFILL_POOL])
+def test_based_prefill_pool_rejects(override, exc, words):
+    def good():
+        return dict(good_prefill(), state=_prefill_pool(), state_indices=torch.tensor([3, -1], dtype=torch.int32))
+    _check(ak.based_prefill, good, override, exc, words)
+
+
 def test_based_prefill_max_seqlen_needs_cu_seqlens():
     _check(ak.based_prefill, good_prefill, dict(max_seqlen=5), ValueError, ["max_seqlen is for varlen batches"])
 
@@ -240,11 +272,11 @@ SWD_POOLED = [
     ("indices-2d", dict(cache_indices=torch.tensor([[3, 0]], **I32)), ValueError,
      ["cache_indices.shape must be (2,)", "(1, 2)"]),
     ("index-equals-P", dict(cache_indices=torch.tensor([3, 5], **I32)), ValueError,
-     ["cache_indices[1] must be in [-1, 5)", "got 5"]),
+     ["cache_indices must be -1 (padding) or a slot in [0, 5)", "got 5 at row 1"]),
     ("index-below-minus-one", dict(cache_indices=torch.tensor([-2, 0], **I32)), ValueError,
-     ["cache_indices[0] must be in [-1, 5)", "got -2"]),
+     ["cache_indices must be -1 (padding) or a slot in [0, 5)", "got -2 at row 0"]),
     ("index-duplicate", dict(cache_indices=torch.tensor([4, 4], **I32)), ValueError,
-     ["cache_indices names pool row 4 twice", "rows 0 and 1"]),
+     ["cache_indices must not repeat a slot", "slot 4 at rows [0, 1]"]),
     ("v-pool-P-differs", dict(v_cache=t(4, H, 8, 64)), ValueError,
      ["v_cache.shape must be (5, 3, 8, 64)", "(4, 3, 8, 64)"]),
     ("k-pool-H-differs", dict(k_cache=t(5, H + 1, 8, 64)), ValueError, ["k_cache.shape must be (5, 3, 8, 64)"]),
@@ -387,6 +419,7 @@ def test_pooled_device_mismatch_rejected(where):
     _check(ak.based_decode, lambda: args, {}, exc, words)
 
 
+@requires_cuda
 def test_cache_indices_on_another_device_rejected():
     _check(ak.sliding_window_decode, good_swd_pooled, dict(cache_indices=torch.tensor([3, 0], **I32).cuda()),
            TypeError, ["cache_indices must be on the inputs' device cpu", "cuda:0"])
@@ -399,7 +432,7 @@ def test_pooled_values_are_checked_on_cuda_too():
             if isinstance(a, torch.Tensor)}
     bad = dict(cache_indices=torch.tensor([3, 7], **I32).cuda())
     _check(ak.sliding_window_decode, lambda: dict(args, window=8), bad, ValueError,
-           ["cache_indices[1] must be in [-1, 5)", "got 7"])
+           ["cache_indices must be -1 (padding) or a slot in [0, 5)", "got 7 at row 1"])
 
 
 @requires_cuda

@@ -18,40 +18,40 @@
 #define AK_MUTANT_prefill_quad_scale 9     // the s^2 / 2 term computed with c^2 instead of c^2 / 2
 #define AK_MUTANT_prefill_den_inter_ks 10  // den from earlier chunks misses the linear term c q.sum(k)
 #define AK_MUTANT_prefill_missing_barrier 11  // no barrier between building phi / W and the wgmma that read them
-#define AK_MUTANT_prefill_varlen_len 40    // varlen: a sequence runs to the length bound, into the next sequence
-#define AK_MUTANT_prefill_varlen_out_row 41  // varlen: o written at sequence-relative rows (start ignored)
-#define AK_MUTANT_prefill_pool_slot_ignored 42  // state pool: sequence b's state goes to slot b, not its index
-#define AK_MUTANT_prefill_pool_bad_index_computed 43  // state pool: an out-of-range index gives computed outputs
+#define AK_MUTANT_prefill_varlen_len 12    // varlen: a sequence runs to the length bound, into the next sequence
+#define AK_MUTANT_prefill_varlen_out_row 13  // varlen: o written at sequence-relative rows (start ignored)
+#define AK_MUTANT_prefill_pool_slot_ignored 14  // state pool: sequence b's state goes to slot b, not its index
+#define AK_MUTANT_prefill_pool_bad_index_computed 15  // state pool: an out-of-range index gives computed outputs
 // based_decode
-#define AK_MUTANT_decode_z_not_updated 12  // z is not written back
-#define AK_MUTANT_decode_read_before_update 13  // o reads the state before this token's update
-#define AK_MUTANT_decode_normalize_ignored 14   // the numerator-only mode still divides
-#define AK_MUTANT_decode_pair_order 15     // the x_i x_j features enumerated column-major, not row-major
-#define AK_MUTANT_decode_last_head 16      // the grid misses the last (b, h) head
-#define AK_MUTANT_decode_pool_index_ignored 25  // state pool: row b uses slot b, not state_indices[b]
-#define AK_MUTANT_decode_pool_padding_written 26  // state pool: a padding row (-1) updates slot P - 1
-#define AK_MUTANT_decode_pool_bad_index_written 27  // state pool: an out-of-range index is clamped into [0, P)
+#define AK_MUTANT_decode_z_not_updated 16  // z is not written back
+#define AK_MUTANT_decode_read_before_update 17  // o reads the state before this token's update
+#define AK_MUTANT_decode_normalize_ignored 18   // the numerator-only mode still divides
+#define AK_MUTANT_decode_pair_order 19     // the x_i x_j features enumerated column-major, not row-major
+#define AK_MUTANT_decode_last_head 20      // the grid misses the last (b, h) head
+#define AK_MUTANT_decode_pool_index_ignored 21  // state pool: row b uses slot b, not state_indices[b]
+#define AK_MUTANT_decode_pool_padding_written 22  // state pool: a padding row (-1) updates slot P - 1
+#define AK_MUTANT_decode_pool_bad_index_written 23  // state pool: an out-of-range index is clamped into [0, P)
 // sliding_window_decode
-#define AK_MUTANT_swd_window_off_by_one 17  // the slot about to be overwritten is attended too (W + 1 keys)
-#define AK_MUTANT_swd_unwritten_slots 18   // slots never written (position < window - 1) are attended
-#define AK_MUTANT_swd_position_wrap 19     // slot = p & (W - 1) instead of p mod W
-#define AK_MUTANT_swd_negative_position 20  // a negative position is not refused on the device
-#define AK_MUTANT_swd_scale_ignored 21     // scores not multiplied by the scale
+#define AK_MUTANT_swd_window_off_by_one 24  // the slot about to be overwritten is attended too (W + 1 keys)
+#define AK_MUTANT_swd_unwritten_slots 25   // slots never written (position < window - 1) are attended
+#define AK_MUTANT_swd_position_wrap 26     // slot = p & (W - 1) instead of p mod W
+#define AK_MUTANT_swd_negative_position 27  // a negative position is not refused on the device
+#define AK_MUTANT_swd_scale_ignored 28     // scores not multiplied by the scale
+#define AK_MUTANT_swd_pool_index_ignored 29  // pooled: row b uses pool row b, not cache_indices[b]
+#define AK_MUTANT_swd_pool_padding_written 30  // pooled: a padding row (-1) uses (writes) pool row 0
+#define AK_MUTANT_swd_pool_bad_index_written 31  // pooled: an out-of-range index uses (writes) pool row 0
+#define AK_MUTANT_swd_pool_stale_guess 32  // pooled: the pool row read before the PDL wait is never checked
 // sliding_window_prefill
-#define AK_MUTANT_swp_window_off_by_one 25  // each query attends W + 1 keys (i - W .. i)
-#define AK_MUTANT_swp_tile_skipped 26      // the oldest key tile of a block's window is not visited
-#define AK_MUTANT_swp_ring_slot 27         // the ring fill writes position p into slot (p + 1) % W
-#define AK_MUTANT_swp_varlen_boundary 28   // keys of the previous packed sequence are attended
-#define AK_MUTANT_swp_fully_masked_nan 29  // a row whose keys so far are all masked gives NaN (no -inf guard)
-#define AK_MUTANT_swp_bad_index_computed 30  // an out-of-range cache index gives computed outputs, not NaN
-#define AK_MUTANT_swd_pool_index_ignored 25  // pooled: row b uses pool row b, not cache_indices[b]
-#define AK_MUTANT_swd_pool_padding_written 26  // pooled: a padding row (-1) uses (writes) pool row 0
-#define AK_MUTANT_swd_pool_bad_index_written 27  // pooled: an out-of-range index uses (writes) pool row 0
-#define AK_MUTANT_swd_pool_stale_guess 28  // pooled: the pool row read before the PDL wait is never checked
+#define AK_MUTANT_swp_window_off_by_one 33  // each query attends W + 1 keys (i - W .. i)
+#define AK_MUTANT_swp_tile_skipped 34      // the oldest key tile of a block's window is not visited
+#define AK_MUTANT_swp_ring_slot 35         // the ring fill writes position p into slot (p + 1) % W
+#define AK_MUTANT_swp_varlen_boundary 36   // keys of the previous packed sequence are attended
+#define AK_MUTANT_swp_fully_masked_nan 37  // a row whose keys so far are all masked gives NaN (no -inf guard)
+#define AK_MUTANT_swp_bad_index_computed 38  // an out-of-range cache index gives computed outputs, not NaN
 // the binding (csrc/binding.cpp)
-#define AK_MUTANT_binding_v_stride 22      // v's head stride taken from a contiguous layout
-#define AK_MUTANT_binding_state_dtype 23   // a bfloat16 initial state dropped (read as zeros)
-#define AK_MUTANT_binding_op_missing 24    // sliding_window_decode's CUDA kernel not registered
+#define AK_MUTANT_binding_v_stride 39      // v's head stride taken from a contiguous layout
+#define AK_MUTANT_binding_state_dtype 40   // a bfloat16 initial state dropped (read as zeros)
+#define AK_MUTANT_binding_op_missing 41    // sliding_window_decode's CUDA kernel not registered
 
 #define AK_MUTANT_CAT_(a, b) a##b
 #define AK_MUTANT_CAT(a, b) AK_MUTANT_CAT_(a, b)

@@ -1,12 +1,14 @@
-"""based_prefill with cu_seqlens (varlen batches, spec.md "Varlen based_prefill"): each packed sequence is
-checked as if computed alone, against float64 by the same rule and state bounds as the dense matrix (GPU);
-short sequences also bitwise against the dense kernel on a padded batch."""
+"""based_prefill for serving (GPU): varlen batches (cu_seqlens, spec.md "Varlen based_prefill"), each packed
+sequence checked as if computed alone against float64 by the same rule and state bounds as the dense matrix,
+short ones also bitwise against the dense kernel on a padded batch; and final states written into a state
+pool (state, state_indices), bitwise the state return_state gives, then continued by pooled decode."""
 import pytest
 import torch
 
 import attn_kernels as ak
-from harness import DTYPE_IDS, nbytes, poison_allocator, prior_state, randn, requires_cuda
-from prefill_model import check_prefill
+from attn_kernels import reference as ref
+from harness import DTYPE_IDS, assert_close_rule, nbytes, poison_allocator, prior_state, randn, requires_cuda
+from prefill_model import check_prefill, lowp_prefill
 
 # Sequence lengths packed into one batch: ragged around the 64-token chunk, an empty one, a long one.
 LENGTHS = {
@@ -130,3 +132,83 @@ def test_bad_cu_seqlens_under_capture_stay_inside_the_tensors():
     cu.copy_(torch.tensor([0, 100, 200], dtype=torch.int32))
     o, (S, z) = ak.based_prefill(q, k, v, cu_seqlens=cu, return_state=True)
     check_each_sequence(o, S, z, q, k, v, cu)
+
+
+# ---- final states into a state pool (spec.md "based_prefill into pool slots") -----------------------------
+
+def _pool(P, H, dtype, device="cuda"):
+    """A NaN-filled pool: slots nobody names must stay NaN, bit for bit."""
+    return (torch.full((P, H, 153, 64), float("nan"), dtype=dtype, device=device),
+            torch.full((P, H, 153), float("nan"), dtype=dtype, device=device))
+
+
+@requires_cuda
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["pool_fp32", "pool_bf16"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_prefill_into_pool_equals_the_returned_state(varlen, pool_dtype):
+    """The pool slots get exactly the state return_state gives (rounded once to a bf16 pool), the outputs are
+    the same bits, a -1 sequence writes nothing, and the slots nobody names keep their bits."""
+    H = 3
+    if varlen:
+        q, k, v, cu = packed([200, 0, 65, 1000], H, torch.bfloat16, True)
+        n, extra = 4, dict(cu_seqlens=cu)
+    else:
+        q, k, v = (randn(3, H, 300, d, dtype=torch.float16, device="cuda") for d in (16, 16, 64))
+        n, extra = 3, {}
+    init = prior_state(n, H, "cuda")
+    o_ref, (S, z) = ak.based_prefill(q, k, v, initial_state=init, return_state=True, **extra)
+    idx = torch.tensor([5, -1, 0, 2][:n], dtype=torch.int32, device="cuda")
+    pool = _pool(7, H, pool_dtype)
+    o = ak.based_prefill(q, k, v, initial_state=init, state=pool, state_indices=idx, **extra)
+    assert torch.equal(o, o_ref)
+    for i, slot in enumerate(idx.tolist()):
+        if slot >= 0:
+            assert torch.equal(pool[0][slot], S[i].to(pool_dtype)) and torch.equal(pool[1][slot], z[i].to(pool_dtype))
+    named = set(idx.tolist())
+    untouched = [p for p in range(7) if p not in named]
+    assert torch.isnan(pool[0][untouched]).all() and torch.isnan(pool[1][untouched]).all()
+
+
+@requires_cuda
+def test_prefill_pool_bad_index_under_capture_gives_nan_and_writes_nothing():
+    """Under capture the indices are not checked on the host: an index outside [-1, P) makes that sequence's
+    outputs NaN and writes no slot; the other sequences are computed and written as usual."""
+    q, k, v, cu = packed([100, 70, 130], 2, torch.bfloat16, False)
+    o_ref, (S, z) = ak.based_prefill(q, k, v, cu_seqlens=cu, return_state=True)
+    pool = _pool(4, 2, torch.float32)
+    idx = torch.tensor([1, 0, 3], dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = ak.based_prefill(q, k, v, cu_seqlens=cu, state=pool, state_indices=idx)
+    idx.copy_(torch.tensor([1, 4, -7], dtype=torch.int32))
+    pool[0].fill_(float("nan"))
+    pool[1].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o[:, :, :100], o_ref[:, :, :100]) and torch.isnan(o[:, :, 100:]).all()
+    assert torch.equal(pool[0][1], S[0]) and torch.equal(pool[1][1], z[0])
+    assert torch.isnan(pool[0][[0, 2, 3]]).all() and torch.isnan(pool[1][[0, 2, 3]]).all()
+
+
+@requires_cuda
+def test_prefill_into_pool_then_pooled_decode_equals_a_longer_prefill():
+    """The serving path: varlen prefill writes each request's state into its pool slot, pooled decode steps
+    continue from there; outputs equal one prefill over prompt + generated tokens (by the rule)."""
+    H, lengths, T = 2, [300, 64, 129], 6
+    full = [tuple(randn(1, H, m + T, d, dtype=torch.bfloat16, device="cuda") for d in (16, 16, 64))
+            for m in lengths]
+    q, k, v = (torch.cat([f[j][:, :, :m] for f, m in zip(full, lengths)], 2) for j in range(3))
+    cu = torch.tensor([0, 300, 364, 493], dtype=torch.int32, device="cuda")
+    pool = ak.empty_state(6, H, device="cuda")
+    slots = torch.tensor([4, 1, 3], dtype=torch.int32, device="cuda")
+    ak.based_prefill(q, k, v, cu_seqlens=cu, state=pool, state_indices=slots)
+    steps = []
+    for t in range(T):
+        step = [torch.cat([f[j][:, :, m + t] for f, m in zip(full, lengths)], 0) for j in range(3)]  # (3, H, d)
+        steps.append(ak.based_decode(*step, pool, state_indices=slots))
+    got = torch.stack(steps, 2)  # (3, H, T, 64)
+    for i, (f, m) in enumerate(zip(full, lengths)):
+        o64, _ = ref.based_chunked(*(x.double() for x in f))
+        o_lp, _ = lowp_prefill(*f)
+        assert_close_rule(f"sequence {i}", got[i:i + 1], o64[:, :, m:], o_lp[:, :, m:])
