@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -118,6 +120,29 @@ def writable_state(op: str, name: str, state, B: int | None, H: int, e: int, dev
 
 # ---- index tensors (cu_seqlens, cache_indices): device data; values checked on the host when possible ----
 
+# Reading an index tensor's values on the host is a sync, and a model calls its ops with the same index tensors
+# in every layer: a tensor whose values passed a check is not read again until PyTorch changes it in place (its
+# version counter moves). Writes PyTorch does not see (another library's kernel, a CUDA-graph replay) and
+# inference tensors (no version counter: always read) are why the kernels keep their own device-side rules.
+_CHECKED: dict[int, tuple] = {}  # id(t) -> (weakref to t, t._version, key, result)
+_CHECKED_MAX = 64
+
+
+def checked_once(t: torch.Tensor, key: tuple, check: Callable[[], Any]) -> Any:
+    """check() (which reads t's values) unless t passed a check with the same key since its last in-place
+    change; returns check()'s result (a cached one on a hit)."""
+    if t.is_inference():
+        return check()
+    hit = _CHECKED.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == key:
+        return hit[3]
+    result = check()
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[id(t)] = (weakref.ref(t), t._version, key, result)
+    return result
+
+
 def can_read_values(t: torch.Tensor) -> bool:
     """Values can be checked on the host unless tracing or capturing a CUDA graph (where a read would sync)."""
     if torch.compiler.is_compiling():
@@ -178,7 +203,7 @@ def cu_seqlens(op: str, cu, T: int, device: torch.device) -> tuple[int, int | No
         raise ValueError(f"{op}: cu_seqlens.shape must be (n + 1,) with n >= 0, got {tuple(cu.shape)}")
     if not can_read_values(cu):
         return cu.numel() - 1, None
-    return cu.numel() - 1, cu_seqlens_values(op, cu, T)
+    return cu.numel() - 1, checked_once(cu, ("cu_seqlens", T), lambda: cu_seqlens_values(op, cu, T))
 
 
 def seqlen_bound(op: str, max_seqlen, longest: int | None) -> int:
@@ -189,3 +214,12 @@ def seqlen_bound(op: str, max_seqlen, longest: int | None) -> int:
         floor = max(1, longest or 0)
         raise ValueError(f"{op}: max_seqlen must be >= the longest sequence ({floor}), got {max_seqlen}")
     return int(max_seqlen)
+
+
+def pool_indices(op: str, name: str, idx, n_rows: int, pool_rows: int, device: torch.device) -> torch.Tensor:
+    """Per-row pool indices (n_rows,) int32 on `device`; their values (pool_indices_values) are checked on the host
+    where can_read_values, once per version of the tensor (checked_once)."""
+    index_tensor(op, name, idx, n_rows, device)
+    if can_read_values(idx):
+        checked_once(idx, ("pool", pool_rows), lambda: pool_indices_values(op, name, idx, pool_rows))
+    return idx

@@ -77,6 +77,5 @@ def based_decode(q, k, v, state, *, state_indices=None, scale=None, normalize=Tr
     check.flag(OP, "normalize", normalize)
     eps = check.positive_float(OP, "eps", eps, allow_zero=True)
     if pooled:  # last: the one check that reads device data (a sync)
-        if check.can_read_values(state_indices):
-            check.pool_indices_values(OP, "state_indices", state_indices, S.shape[0])
+        check.pool_indices(OP, "state_indices", state_indices, B, S.shape[0], q.device)
     return torch.ops.attn_kernels.based_decode(q, k, v, S, z, scale, normalize, eps, state_indices)

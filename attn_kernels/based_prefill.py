@@ -121,9 +121,7 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
         if return_state:
             raise ValueError(f"{OP}: with a state pool the final states go into it: pass return_state=False")
         pool_S, pool_z = check.writable_state(OP, "state", state, None, H, VALUE_DIM, q.device, cuda_dtypes)
-        check.index_tensor(OP, "state_indices", state_indices, B, q.device)
-        if check.can_read_values(state_indices):
-            check.pool_indices_values(OP, "state_indices", state_indices, pool_S.shape[0])
+        check.pool_indices(OP, "state_indices", state_indices, B, pool_S.shape[0], q.device)
     o, S, z = torch.ops.attn_kernels.based_prefill(q, k, v, scale, normalize, eps, S0, z0, return_state,
                                                    cu_seqlens, bound, pool_S, pool_z, state_indices)
     return (o, (S, z)) if return_state else o

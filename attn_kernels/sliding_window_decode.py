@@ -80,9 +80,7 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
         raise ValueError(f"{OP}: positions.shape must be ({B},), got {tuple(positions.shape)}")
     check.same_device(OP, "q", q, positions=positions)
     if cache_indices is not None:
-        check.index_tensor(OP, "cache_indices", cache_indices, B, q.device)
-        if check.can_read_values(cache_indices):
-            check.pool_indices_values(OP, "cache_indices", cache_indices, rows)
+        check.pool_indices(OP, "cache_indices", cache_indices, B, rows, q.device)
     if check.can_read_values(positions):
         # a padding row's position is ignored
         live = positions if cache_indices is None else positions[cache_indices != -1]

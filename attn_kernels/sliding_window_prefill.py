@@ -71,26 +71,18 @@ def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window=64, scale=None, 
     check.same_device(OP, "q", q, k=k, v=v)
     check.input_dtype(OP, "q", q, k=k, v=v)
 
-    max_len = N
+    max_len = N  # a bound on the longest sequence: the launch grid's query blocks
     if cu_seqlens is None:
         nseq = B
         if max_seqlen is not None:
-            raise ValueError(f"{OP}: max_seqlen goes with cu_seqlens (varlen); got max_seqlen={max_seqlen} without")
+            raise ValueError(f"{OP}: max_seqlen is for varlen batches: pass it with cu_seqlens, got {max_seqlen!r}")
     else:
-        check.index_tensor(OP, "cu_seqlens", cu_seqlens, None, q.device)
-        if cu_seqlens.shape[0] < 1:
-            raise ValueError(f"{OP}: cu_seqlens.shape must be (n + 1,) with n >= 0, got {tuple(cu_seqlens.shape)}")
         if B != 1:
             raise ValueError(f"{OP}: q.shape[0] must be 1 with cu_seqlens (sequences packed along N), got {B}")
-        nseq = cu_seqlens.shape[0] - 1
+        nseq, longest = check.cu_seqlens(OP, cu_seqlens, N, q.device)
         if max_seqlen is not None:
-            if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-                raise ValueError(f"{OP}: max_seqlen must be an int >= 0, got {max_seqlen!r}")
-            max_len = min(max_seqlen, N)
-        if check.can_read_values(cu_seqlens):
-            longest = check.cu_seqlens_values(OP, cu_seqlens, N)
-            if max_seqlen is not None and max_seqlen < longest:
-                raise ValueError(f"{OP}: max_seqlen must be >= the longest sequence {longest}, got {max_seqlen}")
+            max_len = min(check.seqlen_bound(OP, max_seqlen, longest), N)
+        if longest is not None:
             max_len = longest
 
     if nseq > 65535 or H > 65535:  # the launch grid's y (heads) and z (sequences)
@@ -107,9 +99,7 @@ def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window=64, scale=None, 
     check.same_device(OP, "q", q, k_cache=k_cache, v_cache=v_cache)
     check.input_dtype(OP, "q", q, k_cache=k_cache, v_cache=v_cache)
     if cache_indices is not None:
-        check.index_tensor(OP, "cache_indices", cache_indices, nseq, q.device)
-        if check.can_read_values(cache_indices):
-            check.pool_indices_values(OP, "cache_indices", cache_indices, rows)
+        check.pool_indices(OP, "cache_indices", cache_indices, nseq, rows, q.device)
     scale = check.positive_float(OP, "scale", scale, default=reference.default_scale(e))
     return torch.ops.attn_kernels.sliding_window_prefill(q, k, v, k_cache, v_cache, scale, cu_seqlens, max_len,
                                                          cache_indices)

@@ -448,3 +448,25 @@ def test_fp16_state_on_cuda_rejected():
     args = {n: (a.cuda().half() if n != "state" else tuple(s.cuda().half() for s in a)) for n, a in args.items()}
     with pytest.raises(TypeError, match="state dtype must be torch.float32 or torch.bfloat16 on CUDA"):
         call(ak.based_decode, args)
+
+
+def test_index_values_are_read_once_per_version(monkeypatch):
+    """A model calls its ops with the same index tensors in every layer: their values are read (a sync) once,
+    and again after PyTorch changes them in place; inference tensors (no version counter) are read each time."""
+    from attn_kernels import _validate
+
+    reads = []
+    real = _validate.cu_seqlens_values
+    monkeypatch.setattr(_validate, "cu_seqlens_values", lambda *a: reads.append(1) or real(*a))
+    args = good_varlen()
+    for _ in range(3):
+        call(ak.based_prefill, args)
+    assert len(reads) == 1
+    args["cu_seqlens"][1] = 9  # in place: the next call reads (and refuses) it
+    with pytest.raises(ValueError, match="non-decreasing"):
+        call(ak.based_prefill, args)
+    with torch.inference_mode():
+        cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
+    for _ in range(2):
+        call(ak.based_prefill, dict(args, cu_seqlens=cu))
+    assert len(reads) == 4
