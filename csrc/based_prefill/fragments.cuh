@@ -11,6 +11,7 @@
 #include <cute/tensor.hpp>
 
 #include "../common/convert.h"
+#include "../common/mma.h"
 #include "config.cuh"
 
 namespace attn_kernels {
@@ -20,14 +21,6 @@ namespace {
 __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uint32_t& lo) {
   hi = pack2<bf16>(a, b);
   lo = pack2<bf16>(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
-}
-
-// c += a * b, m16n8k16 (mma.sync), float32 accumulate: CuTe's SM80 atoms.
-template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  using Op = std::conditional_t<std::is_same_v<T, __half>, cute::SM80_16x8x16_F32F16F16F32_TN,
-                                cute::SM80_16x8x16_F32BF16BF16F32_TN>;
-  Op::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1], c[2], c[3]);
 }
 
 // ---- wgmma ----------------------------------------------------------------------------------------

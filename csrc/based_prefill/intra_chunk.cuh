@@ -47,8 +47,8 @@ __device__ __forceinline__ void build_w_blocks(const T (&q)[Cfg::kChunk][Cfg::kQ
     const uint32_t(&qa)[4] = qa3[j];
     const uint32_t(&kb)[4] = kb3[j];
     float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
-    mma<T>(ca, qa, kb[0], kb[1]);
-    mma<T>(cb, qa, kb[2], kb[3]);
+    mma_16816<T>(ca, qa, kb[0], kb[1]);
+    mma_16816<T>(cb, qa, kb[2], kb[3]);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       ca[e] = fmaf(ca[e], fmaf(ca[e], c2, c1), 1.f);

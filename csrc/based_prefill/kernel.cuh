@@ -179,15 +179,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           const float2 f = unpack2<T>(qa[j]);
           split_bf16x2(f.x, f.y, qh[j], ql[j]);
         }
-        mma<bf16>(y0, qh, gh.x, gh.y);
-        mma<bf16>(y0, qh, gl.x, gl.y);
-        mma<bf16>(y0, ql, gh.x, gh.y);
-        mma<bf16>(y1, qh, gh.z, gh.w);
-        mma<bf16>(y1, qh, gl.z, gl.w);
-        mma<bf16>(y1, ql, gh.z, gh.w);
+        mma_16816<bf16>(y0, qh, gh.x, gh.y);
+        mma_16816<bf16>(y0, qh, gl.x, gl.y);
+        mma_16816<bf16>(y0, ql, gh.x, gh.y);
+        mma_16816<bf16>(y1, qh, gh.z, gh.w);
+        mma_16816<bf16>(y1, qh, gl.z, gl.w);
+        mma_16816<bf16>(y1, ql, gh.z, gh.w);
       } else {
-        mma<bf16>(y0, qa, gh.x, gh.y);
-        mma<bf16>(y1, qa, gh.z, gh.w);
+        mma_16816<bf16>(y0, qa, gh.x, gh.y);
+        mma_16816<bf16>(y1, qa, gh.z, gh.w);
       }
       const float2 ka = *reinterpret_cast<const float2*>(&sm.ks[st][2 * t]);
       const float2 kb = *reinterpret_cast<const float2*>(&sm.ks[st][2 * t + 8]);
@@ -217,9 +217,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       for (int kt = 0; kt < 4; ++kt) {
         uint32_t a[4];  // K^T (rows i, tokens 16kt..): G is symmetric, so also K's B fragments
         ldsm4_t(a, saddr(&sm.k[st][16 * kt + lr + 8 * (lj >> 1)][8 * (lj & 1)]));
-        mma<T>(gm[0], a, a[0], a[2]);
-        mma<T>(gm[1], a, a[1], a[3]);
-        mma<T>(ksa, a, one2, one2);
+        mma_16816<T>(gm[0], a, a[0], a[2]);
+        mma_16816<T>(gm[1], a, a[1], a[3]);
+        mma_16816<T>(ksa, a, one2, one2);
       }
       if (!kStateOnly) publish_g(st ^ 1);
     }

@@ -1,5 +1,5 @@
 // The mma.sync m16n8k16 atom (fp16 / bf16 operands, float32 accumulators) and its register fragments,
-// for kernels that hold tiles in registers (sliding_window_prefill). Per warp, lane = 4g + t:
+// for kernels that hold tiles in registers (based_prefill, sliding_window_prefill). Per warp, lane = 4g + t:
 //   A (16 x 16, row-major):  a[j] = A[g + 8 (j & 1)][2t + 8 (j >> 1) + {0, 1}]
 //   B (16 x 8, k x n):       b[j] = B[2t + 8j + {0, 1}][g]
 //   C (16 x 8, float32):     c[e] = C[g + 8 (e >> 1)][2t + (e & 1)]
