@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .limits import COMPACT_FEATURES, FEAT_DIM, VALUE_DIM
+from .limits import COMPACT_FEATURES, FEAT_DIM, SWD_MAX_WINDOW, VALUE_DIM
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -84,6 +84,15 @@ def positive_float(op: str, name: str, value, default: float | None = None, allo
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{op}: {name} must be finite and {bound}, got {value}")
     return value
+
+
+def window(op: str, w) -> int:
+    """A sliding window: an int in [1, SWD_MAX_WINDOW]."""
+    if isinstance(w, bool) or not isinstance(w, int):
+        raise TypeError(f"{op}: window must be an int, got {type(w).__name__}")
+    if not 1 <= w <= SWD_MAX_WINDOW:
+        raise ValueError(f"{op}: window must be in [1, {SWD_MAX_WINDOW}], got {w}")
+    return w
 
 
 def state_pair(op: str, name: str, state, B: int | None, H: int, e: int, device: torch.device,

@@ -7,7 +7,7 @@ import torch
 from . import _validate as check
 from . import reference
 from ._library import compute_dtype, define_op
-from .limits import SWD_HEAD_DIMS, SWD_MAX_WINDOW
+from .limits import SWD_HEAD_DIMS
 
 OP = "sliding_window_decode"
 
@@ -61,10 +61,7 @@ def sliding_window_decode(q, k_new, v_new, k_cache, v_cache, positions, *, windo
     check.tensor(OP, "v_new", v_new, 3)
     check.shape(OP, "k_new", k_new, q.shape)
     check.shape(OP, "v_new", v_new, q.shape)
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"{OP}: window must be an int, got {type(window).__name__}")
-    if not 1 <= window <= SWD_MAX_WINDOW:
-        raise ValueError(f"{OP}: window must be in [1, {SWD_MAX_WINDOW}], got {window}")
+    check.window(OP, window)
     check.tensor(OP, "k_cache", k_cache, 4)
     check.tensor(OP, "v_cache", v_cache, 4)
     rows = B if cache_indices is None else k_cache.shape[0]  # the pool's P: check.tensor refused P = 0

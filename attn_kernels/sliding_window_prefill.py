@@ -7,7 +7,7 @@ import torch
 from . import _validate as check
 from . import reference
 from ._library import compute_dtype, define_op
-from .limits import SWD_HEAD_DIMS, SWD_MAX_WINDOW
+from .limits import SWD_HEAD_DIMS
 
 OP = "sliding_window_prefill"
 
@@ -64,10 +64,7 @@ def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window=64, scale=None, 
     check.tensor(OP, "v", v, 4, allow_empty=True)
     check.shape(OP, "k", k, q.shape)
     check.shape(OP, "v", v, q.shape)
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"{OP}: window must be an int, got {type(window).__name__}")
-    if not 1 <= window <= SWD_MAX_WINDOW:
-        raise ValueError(f"{OP}: window must be in [1, {SWD_MAX_WINDOW}], got {window}")
+    check.window(OP, window)
     check.same_device(OP, "q", q, k=k, v=v)
     check.input_dtype(OP, "q", q, k=k, v=v)
 
