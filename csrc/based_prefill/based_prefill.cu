@@ -39,6 +39,7 @@
 //   intra_chunk.cuh  W, the chunk's causal Taylor-kernel matrix, and the denominator's intra-chunk sums
 //   sequences.cuh    which rows a CTA walks (dense or varlen), the varlen launch order, where the final
 //                    state goes (returned, a pool slot or nowhere)
+//   epilogue.cuh     a chunk's output: scaled, transposed through shared memory, 16-byte stores
 //   kernel.cuh       based_prefill_kernel (the phases above, top to bottom)
 //   scan.cuh         the segment scan kernel (split sequences)
 //   heuristics.h     the split-sequence decision and its workspace

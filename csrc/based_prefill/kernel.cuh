@@ -3,10 +3,10 @@
 // turns the segments' partial states into prefix sums (split sequences only).
 //
 // The chunk loop reads top to bottom: phase 1 calls the feature map (feature_map.cuh) and the W builder
-// (intra_chunk.cuh); each later phase is a named lambda of the kernel body (den_inter_of_chunk,
-// update_moments, products, epilogue; write_state after the loop). Lambdas, not __forceinline__
-// functions with parameters: written as functions, the phases cost a register (pass 1 217 -> 218;
-// -Xptxas -v), while the W builder as a function saves two (full pass bf16 254 -> 252, fp16 255 -> 254).
+// (intra_chunk.cuh); the epilogue is epilogue.cuh's; the other phases are named lambdas of the kernel body
+// (den_inter_of_chunk, update_moments, products; write_state after the loop). Lambdas, not __forceinline__
+// functions with parameters: written as functions, those phases cost a register (pass 1 217 -> 218;
+// -Xptxas -v), while the W builder and the epilogue as functions cost none.
 #pragma once
 #include <cstddef>
 
@@ -19,6 +19,7 @@
 #include "config.cuh"
 #include "feature_map.cuh"
 #include "fragments.cuh"
+#include "epilogue.cuh"
 #include "intra_chunk.cuh"
 #include "sequences.cuh"
 
@@ -306,37 +307,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     }
   };
   auto epilogue = [&](int64_t t0) {
-    if constexpr (!kStateOnly) {
-      // Epilogue: this thread holds o^T for values 16w+g(+8) and tokens 8n+2t(+1), n = 0..7.
-      // stmatrix.trans writes the 8x8 blocks as token rows of 8 values into the staging tile.
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t r[4];  // matrix i: tokens 8(2np + (i >> 1)) + 0..7, values 16w + 8(i & 1) + 0..7
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int n = 2 * np + (i >> 1), e0 = 2 * (i & 1);
-          const float2 iv = *reinterpret_cast<const float2*>(&sm.inv[8 * n + 2 * t]);
-          r[i] = pack2<T>(o[4 * n + e0] * iv.x, o[4 * n + e0 + 1] * iv.y);
-        }
-        stsm4_t(saddr(&sm.o[16 * np + 8 * (lj >> 1) + lr][16 * warp + 8 * (lj & 1)]), r);
-      }
-      __syncwarp();
-      // This warp's 16 values of 64 token rows: piece lane + 32i is row piece / 2, half piece % 2. All
-      // four loads are issued before the first store (one shared-memory round trip, not four).
-      uint4 piece[4];
-      // An out-of-range pool index: NaN outputs (read here, not kept live across the loop: a register).
-      const bool poison = pool_index_bad(p, b);
-      const uint4 nan8 = make_uint4(0x7fff7fffu, 0x7fff7fffu, 0x7fff7fffu, 0x7fff7fffu);  // fp16 / bf16 NaNs
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        piece[i] = *reinterpret_cast<const uint4*>(&sm.o[(lane >> 1) + 16 * i][16 * warp + 8 * (lane & 1)]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t tok = t0 + (lane >> 1) + 16 * i;
-        if (tok < t_end)
-          *reinterpret_cast<uint4*>(og + tok * p.o_sn + 16 * warp + 8 * (lane & 1)) = poison ? nan8 : piece[i];
-      }
-    }
+    if constexpr (!kStateOnly) store_output_chunk<T>(sm, o, og, t0, t_end, p, b, warp, lane);
   };
   auto write_state = [&]() {
     StateDst dst{nullptr, nullptr, false};

@@ -61,6 +61,14 @@ __device__ __forceinline__ int ld_global_b32(const int32_t* ptr) {
   return v;
 }
 
+// A gpu-scope load: served by L2, never by a stale L1 line, and defined when it races with a write by
+// the previous grid (sliding_window_decode's guess of the pool row, read before griddepcontrol.wait).
+__device__ __forceinline__ int ld_relaxed_gpu_b32(const int32_t* ptr) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+
 __device__ __forceinline__ void st_global16(void* ptr, const uint4& v) {
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z),
                "r"(v.w)

@@ -22,14 +22,6 @@ namespace {
 
 constexpr int kMaxSteps = 8;
 
-// A gpu-scope load: served by L2, never by a stale L1 line, and defined when it races with a write by
-// the previous grid (the guess of the pool row, read before griddepcontrol.wait).
-__device__ __forceinline__ int ld_relaxed_gpu_b32(const int32_t* ptr) {
-  int v;
-  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr));
-  return v;
-}
-
 // One CTA per (b, h). A row of e elements is split into 16-byte chunks of 8 elements held by
 // kChunks consecutive lanes, so one warp load covers 32 / kChunks whole rows and the CTA covers
 // kRows = 16 rows per step. A pass is kSteps steps: each thread issues all its K and V loads of
