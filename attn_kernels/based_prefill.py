@@ -21,20 +21,10 @@ def _empty_outputs(q, v, return_state, cu_seqlens=None):
     return torch.empty_like(v), q.new_empty(0, dtype=sd), q.new_empty(0, dtype=sd)
 
 
-def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0,
-                    pool_S=None, pool_z=None, state_indices=None):
+def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0):
     """The PyTorch reference (chunked form) behind the op: the CPU kernel, in float32 (float64 stays)."""
     ct = compute_dtype(q.dtype)
     init = None if S0 is None else (S0.to(ct), z0.to(ct))
-    if state_indices is not None:  # final states into pool slots, in place
-        o_ref, (S_new, z_new) = reference.based_prefill_to_pool(
-            q.to(ct), k.to(ct), v.to(ct), (pool_S.to(ct), pool_z.to(ct)), state_indices, cu_seqlens=cu_seqlens,
-            scale=scale, normalize=normalize, eps=eps, initial_state=init)
-        pool_S.copy_(S_new)
-        pool_z.copy_(z_new)
-        o, S, z = _empty_outputs(q, v, False, cu_seqlens)
-        o.copy_(o_ref)
-        return o, S, z
     if cu_seqlens is None:
         o_ref, (S_ref, z_ref) = reference.based_chunked(q.to(ct), k.to(ct), v.to(ct), scale=scale,
                                                         normalize=normalize, eps=eps, initial_state=init)
@@ -49,15 +39,37 @@ def _reference_impl(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seq
     return o, S, z
 
 
-def _fake(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0, pool_S=None,
-          pool_z=None, state_indices=None):
+def _fake(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens=None, max_seqlen=0):
     return _empty_outputs(q, v, return_state, cu_seqlens)
 
 
 define_op(OP, "(Tensor q, Tensor k, Tensor v, float scale, bool normalize, float eps, Tensor? S0, Tensor? z0, "
-              "bool return_state, Tensor? cu_seqlens=None, int max_seqlen=0, Tensor(a!)? pool_S=None, "
-              "Tensor(b!)? pool_z=None, Tensor? state_indices=None) -> (Tensor, Tensor, Tensor)",
+              "bool return_state, Tensor? cu_seqlens=None, int max_seqlen=0) -> (Tensor, Tensor, Tensor)",
           cpu=_reference_impl, fake=_fake)
+
+
+def _to_pool_reference_impl(q, k, v, scale, normalize, eps, S0, z0, cu_seqlens, max_seqlen, pool_S, pool_z,
+                            state_indices):
+    """based_prefill whose final states go into pool slots, in place (the reference, as _reference_impl)."""
+    ct = compute_dtype(q.dtype)
+    init = None if S0 is None else (S0.to(ct), z0.to(ct))
+    o_ref, (S_new, z_new) = reference.based_prefill_to_pool(
+        q.to(ct), k.to(ct), v.to(ct), (pool_S.to(ct), pool_z.to(ct)), state_indices, cu_seqlens=cu_seqlens,
+        scale=scale, normalize=normalize, eps=eps, initial_state=init)
+    pool_S.copy_(S_new)
+    pool_z.copy_(z_new)
+    return o_ref.to(q.dtype)
+
+
+def _to_pool_fake(q, k, v, scale, normalize, eps, S0, z0, cu_seqlens, max_seqlen, pool_S, pool_z, state_indices):
+    return torch.empty_like(v)
+
+
+# The pool variant is its own op: it mutates the pool, and based_prefill stays functional.
+define_op(OP + "_to_pool", "(Tensor q, Tensor k, Tensor v, float scale, bool normalize, float eps, Tensor? S0, "
+                           "Tensor? z0, Tensor? cu_seqlens, int max_seqlen, Tensor(a!) pool_S, Tensor(b!) pool_z, "
+                           "Tensor state_indices) -> Tensor",
+          cpu=_to_pool_reference_impl, fake=_to_pool_fake)
 
 
 def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_state=None, return_state=False,
@@ -122,6 +134,9 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
             raise ValueError(f"{OP}: with a state pool the final states go into it: pass return_state=False")
         pool_S, pool_z = check.writable_state(OP, "state", state, None, H, VALUE_DIM, q.device, cuda_dtypes)
         check.pool_indices(OP, "state_indices", state_indices, B, pool_S.shape[0], q.device)
+    if state is not None:
+        return torch.ops.attn_kernels.based_prefill_to_pool(q, k, v, scale, normalize, eps, S0, z0, cu_seqlens, bound,
+                                                            pool_S, pool_z, state_indices)
     o, S, z = torch.ops.attn_kernels.based_prefill(q, k, v, scale, normalize, eps, S0, z0, return_state,
-                                                   cu_seqlens, bound, pool_S, pool_z, state_indices)
+                                                   cu_seqlens, bound)
     return (o, (S, z)) if return_state else o

@@ -54,7 +54,8 @@ at::Tensor output_like(const at::Tensor& like) { return at::empty_like(like); }
 
 // Dense: q, k (B, H, N, 16). Varlen (cu_seqlens (n + 1,) int32): n sequences packed in one batch entry,
 // q, k (1, H, T, 16); states per sequence. max_seqlen: a bound on the longest sequence, 0 = not given (T).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
+// A state pool (pool_S, pool_z, state_indices) instead of a returned state: based_prefill_to_pool below.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale, bool normalize,
     double eps, const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, bool return_state,
     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, const std::optional<at::Tensor>& pool_S,
@@ -136,6 +137,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
   p.num_sms = num_sms;
   C10_CUDA_CHECK(based_prefill_launch(p, at::cuda::getCurrentCUDAStream()));
   return {o, S, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> based_prefill_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool normalize, double eps,
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, bool return_state,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+  return prefill(q, k, v, scale, normalize, eps, S0, z0, return_state, cu_seqlens, max_seqlen, std::nullopt,
+                 std::nullopt, std::nullopt);
+}
+
+// The final states go into pool slots (in place): the mutating twin of based_prefill, a separate op so that
+// based_prefill stays functional (autograd).
+at::Tensor based_prefill_to_pool_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                      bool normalize, double eps, const std::optional<at::Tensor>& S0,
+                                      const std::optional<at::Tensor>& z0, const std::optional<at::Tensor>& cu_seqlens,
+                                      int64_t max_seqlen, at::Tensor& pool_S, at::Tensor& pool_z,
+                                      const at::Tensor& state_indices) {
+  return std::get<0>(prefill(q, k, v, scale, normalize, eps, S0, z0, false, cu_seqlens, max_seqlen, pool_S, pool_z,
+                             state_indices));
 }
 
 at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -285,6 +305,7 @@ at::Tensor sliding_window_prefill_cuda(const at::Tensor& q_in, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(attn_kernels, CUDA, m) {
   m.impl("based_prefill", &based_prefill_cuda);
+  m.impl("based_prefill_to_pool", &based_prefill_to_pool_cuda);
   m.impl("based_decode", &based_decode_cuda);
 #if !AK_MUTANT(binding_op_missing)
   m.impl("sliding_window_decode", &sliding_window_decode_cuda);

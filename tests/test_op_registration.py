@@ -1,4 +1,4 @@
-"""The three ops are proper torch.library custom ops: schemas with declared mutation, fake (meta)
+"""The ops are proper torch.library custom ops: schemas with declared mutation, fake (meta)
 implementations that torch.compile traces, and opcheck's consistency tests. On the CPU here; the same
 checks run on the GPU against the kernels."""
 import re
@@ -47,7 +47,7 @@ def prefill_pool_args(device):
     v = torch.randn(2, 3, 70, 64, device=device, dtype=dt)
     pool = (torch.rand(5, 3, 153, 64, device=device), torch.rand(5, 3, 153, device=device))
     idx = torch.tensor([3, -1], dtype=torch.int32, device=device)
-    return (q, k, v, 0.25, True, 1e-6, None, None, False, None, 0, *pool, idx)
+    return (q, k, v, 0.25, True, 1e-6, None, None, None, 0, *pool, idx)
 
 
 def decode_args(device):
@@ -96,7 +96,7 @@ def swd_pooled_args(device):
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
     pytest.param("based_prefill", lambda d: prefill_args(d, init=False, return_state=False), id="based_prefill-plain"),
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
-    pytest.param("based_prefill", prefill_pool_args, id="based_prefill-pool"),
+    pytest.param("based_prefill_to_pool", prefill_pool_args, id="based_prefill_to_pool"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("based_decode", pooled_decode_args, id="based_decode-pooled"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
@@ -117,7 +117,9 @@ def test_schemas_declare_in_place_mutation():
     assert [a.name for a in swd.arguments if a.is_write] == ["k_cache", "v_cache"]
     swp = torch.ops.attn_kernels.sliding_window_prefill.default._schema
     assert [a.name for a in swp.arguments if a.is_write] == ["k_cache", "v_cache"]
-    assert [a.name for a in prefill.arguments if a.is_write] == ["pool_S", "pool_z"]  # a state pool, if given
+    assert not any(a.is_write for a in prefill.arguments)  # functional: autograd can be registered on it
+    to_pool = torch.ops.attn_kernels.based_prefill_to_pool.default._schema
+    assert [a.name for a in to_pool.arguments if a.is_write] == ["pool_S", "pool_z"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -200,6 +202,7 @@ def test_kernels_are_built_on_gpu_machines():
 
 KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the profiler records it
     "based_prefill": "based_prefill_kernel",
+    "based_prefill_to_pool": "based_prefill_kernel",
     "based_decode": "based_decode_kernel",
     "sliding_window_decode": "sliding_window_decode_kernel",
     "sliding_window_prefill": "sliding_window_prefill_kernel",
@@ -210,6 +213,7 @@ KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the prof
 @pytest.mark.parametrize("op,make", [
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
+    pytest.param("based_prefill_to_pool", prefill_pool_args, id="based_prefill_to_pool"),
     pytest.param("based_decode", decode_args, id="based_decode"),
     pytest.param("based_decode", pooled_decode_args, id="based_decode-pooled"),
     pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
@@ -244,7 +248,7 @@ def test_python_limits_equal_the_kernels_limits():
 
 
 def test_every_op_is_declared_once_with_schema_cpu_and_fake():
-    assert sorted(_library.OPS) == ["based_decode", "based_prefill", "sliding_window_decode",
+    assert sorted(_library.OPS) == ["based_decode", "based_prefill", "based_prefill_to_pool", "sliding_window_decode",
                                    "sliding_window_prefill"]
     for name in _library.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "CPU"), name
