@@ -18,15 +18,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def define_op(name: str, schema: str, *, cpu, fake) -> None:
+# Ops declared without a CUDA kernel yet (name -> why): a CUDA call raises that reason, and the compiled
+# extension is not blamed for it (kernels_available() stays True).
+CUDA_PENDING: dict[str, str] = {}
+
+
+def define_op(name: str, schema: str, *, cpu, fake, cuda_pending: str | None = None) -> None:
     """Declare the op attn_kernels::<name> in one place: its schema (the arguments after the name), its CPU
     implementation (the PyTorch reference) and its fake implementation (shapes only, for torch.compile). Its
     CUDA implementation is the kernel that csrc/binding.cpp registers under the same name; load_kernels()
-    makes a CUDA call raise where there is none."""
+    makes a CUDA call raise where there is none (cuda_pending: the reason there is none yet)."""
     LIB.define(f"{name}{schema}")
     LIB.impl(name, cpu, "CPU")
     torch.library.register_fake(f"attn_kernels::{name}", fake, lib=LIB)
     OPS.append(name)
+    if cuda_pending:
+        CUDA_PENDING[name] = cuda_pending
 
 
 def kernels_available() -> bool:
@@ -36,6 +43,8 @@ def kernels_available() -> bool:
 
 def _no_kernel(name: str):
     def raise_no_kernel(*args, **kwargs):
+        if name in CUDA_PENDING:
+            raise RuntimeError(f"attn_kernels.{name}: no CUDA kernel yet ({CUDA_PENDING[name]})")
         raise RuntimeError(
             f"attn_kernels.{name}: no CUDA kernel ({_C_ERROR}). Reinstall where nvcc and a CUDA build of "
             "torch are present: pip install --no-build-isolation -e ."
@@ -54,7 +63,8 @@ def load_kernels() -> None:
         _C_ERROR = f"the extension attn_kernels._C was not built or does not load: {type(exc).__name__}: {exc}"
     missing = [name for name in OPS
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"attn_kernels::{name}", "CUDA")]
-    if missing and _C_ERROR is None:
-        _C_ERROR = f"attn_kernels._C was built without a CUDA kernel for {', '.join(missing)}"
+    built_without = [name for name in missing if name not in CUDA_PENDING]
+    if built_without and _C_ERROR is None:
+        _C_ERROR = f"attn_kernels._C was built without a CUDA kernel for {', '.join(built_without)}"
     for name in missing:
         LIB.impl(name, _no_kernel(name), "CUDA")
