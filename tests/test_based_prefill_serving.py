@@ -216,3 +216,54 @@ def test_prefill_into_pool_then_pooled_decode_equals_a_longer_prefill():
         o64, _ = ref.based_chunked(*(x.double() for x in f))
         o_lp, _ = lowp_prefill(*f)
         assert_close_rule(f"sequence {i}", got[i:i + 1], o64[:, :, m:], o_lp[:, :, m:])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_continuous_batching_simulation(device):
+    """A server's life: requests of random lengths arrive, are prefilled together (varlen, final states into
+    free pool slots), decode a random number of steps in one pooled batch (fixed width, -1 padding rows), and
+    leave; their slots are reused by later requests. Every request's outputs (prompt rows and generated
+    tokens) equal running it alone: by the rule against float64, with the low-precision comparator."""
+    gen = torch.Generator().manual_seed(7)
+    H, P, dtype = 2, 4, torch.bfloat16
+    reqs = []
+    for r in range(10):
+        L = int(torch.randint(1, 300, (1,), generator=gen))
+        T = int(torch.randint(1, 7, (1,), generator=gen))
+        q, k = (torch.randn(1, H, L + T, 16, generator=gen).to(dtype).to(device) for _ in range(2))
+        v = torch.randn(1, H, L + T, 64, generator=gen).to(dtype).to(device)
+        reqs.append(dict(id=r, L=L, T=T, q=q, k=k, v=v, slot=None, step=0, prompt_o=None, steps=[]))
+    pool = ak.empty_state(P, H, device=device)
+    waiting, active, free = list(reqs), [], list(range(P))
+    while waiting or active:
+        admit = []
+        while waiting and free and len(admit) < 3:  # admit up to 3 new requests per tick
+            req = waiting.pop(0)
+            req["slot"] = free.pop(int(torch.randint(0, len(free), (1,), generator=gen)))
+            admit.append(req)
+        if admit:
+            cat = lambda name: torch.cat([a[name][:, :, :a["L"]] for a in admit], 2)  # noqa: E731
+            cu = torch.tensor([0, *torch.tensor([a["L"] for a in admit]).cumsum(0).tolist()], dtype=torch.int32,
+                              device=device)
+            slots = torch.tensor([a["slot"] for a in admit], dtype=torch.int32, device=device)
+            o = ak.based_prefill(cat("q"), cat("k"), cat("v"), cu_seqlens=cu, state=pool, state_indices=slots)
+            for a, start in zip(admit, cu.tolist()):
+                a["prompt_o"] = o[:, :, start:start + a["L"]]
+            active += admit
+        rows = active + [None] * (P - len(active))  # one fixed-width decode batch, padding rows -1
+        pick = lambda name: torch.stack([a[name][0, :, a["L"] + a["step"]] if a else  # noqa: E731
+                                         torch.zeros_like(reqs[0][name][0, :, 0]) for a in rows])
+        idx = torch.tensor([a["slot"] if a else -1 for a in rows], dtype=torch.int32, device=device)
+        out = ak.based_decode(pick("q"), pick("k"), pick("v"), pool, state_indices=idx)
+        assert not out[len(active):].any(), "padding rows give zeros"
+        for a, o_t in zip(active, out):
+            a["steps"].append(o_t)
+            a["step"] += 1
+        for a in [a for a in active if a["step"] == a["T"]]:  # finished: the slot is free again
+            active.remove(a)
+            free.append(a["slot"])
+    for a in reqs:
+        o64, _ = ref.based_chunked(a["q"].double(), a["k"].double(), a["v"].double())
+        o_lp, _ = lowp_prefill(a["q"], a["k"], a["v"])
+        got = torch.cat([a["prompt_o"], torch.stack(a["steps"], 1)[None]], 2)
+        assert_close_rule(f"request {a['id']} (L={a['L']}, T={a['T']})", got, o64, o_lp)
