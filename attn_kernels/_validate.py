@@ -127,7 +127,7 @@ def writable_state(op: str, name: str, state, B: int | None, H: int, e: int, dev
     return S, z
 
 
-# ---- index tensors (cu_seqlens, cache_indices): device data; values checked on the host when possible ----
+# ---- index tensors (cu_seqlens, state_indices, cache_indices): device data; values checked on the host ----
 
 # Reading an index tensor's values on the host is a sync, and a model calls its ops with the same index tensors
 # in every layer: a tensor whose values passed a check is not read again until PyTorch changes it in place (its
@@ -196,12 +196,12 @@ def pool_indices_values(op: str, name: str, idx: torch.Tensor, pool_rows: int) -
     if row is not None:
         raise ValueError(f"{op}: {name} must be -1 (padding) or a slot in [0, {pool_rows}) (the pool's size), "
                          f"got {vals[row]} at row {row}")
-    seen: dict[int, int] = {}
-    for i, x in enumerate(vals):
+    seen: set[int] = set()
+    for x in vals:
         if x >= 0 and x in seen:
             rows = [j for j, y in enumerate(vals) if y == x]
             raise ValueError(f"{op}: {name} must not repeat a slot (only -1 may repeat), got slot {x} at rows {rows}")
-        seen[x] = i
+        seen.add(x)
 
 
 def cu_seqlens(op: str, cu, T: int, device: torch.device) -> tuple[int, int | None]:
@@ -213,6 +213,20 @@ def cu_seqlens(op: str, cu, T: int, device: torch.device) -> tuple[int, int | No
     if not can_read_values(cu):
         return cu.numel() - 1, None
     return cu.numel() - 1, checked_once(cu, ("cu_seqlens", T), lambda: cu_seqlens_values(op, cu, T))
+
+
+def varlen_batch(op: str, q: torch.Tensor, cu, max_seqlen) -> tuple[int, int | None, int | None]:
+    """The varlen arguments of a prefill op, q (B, H, N, .): without cu_seqlens B sequences (max_seqlen refused);
+    with cu_seqlens (cu) q must be packed (B = 1) and cu is checked (cu_seqlens()). Returns the number of
+    sequences, the longest one (None where not read) and the checked max_seqlen (None if not given)."""
+    if cu is None:
+        if max_seqlen is not None:
+            raise ValueError(f"{op}: max_seqlen is for varlen batches: pass it with cu_seqlens, got {max_seqlen!r}")
+        return q.shape[0], None, None
+    if q.shape[0] != 1:
+        raise ValueError(f"{op}: with cu_seqlens, the inputs must be packed as (1, H, T, .), got B = {q.shape[0]}")
+    n, longest = cu_seqlens(op, cu, q.shape[2], q.device)
+    return n, longest, None if max_seqlen is None else seqlen_bound(op, max_seqlen, longest)
 
 
 def seqlen_bound(op: str, max_seqlen, longest: int | None) -> int:

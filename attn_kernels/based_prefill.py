@@ -111,21 +111,13 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
     check.flag(OP, "normalize", normalize)
     eps = check.positive_float(OP, "eps", eps, allow_zero=True)
     check.flag(OP, "return_state", return_state)
-    B, H = q.shape[:2]
-    bound = 0
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"{OP}: with cu_seqlens, q, k, v must be packed as (1, H, T, .), got B = {B}")
-        B, longest = check.cu_seqlens(OP, cu_seqlens, q.shape[2], q.device)
-        if max_seqlen is not None:
-            bound = check.seqlen_bound(OP, max_seqlen, longest)
-    elif max_seqlen is not None:
-        raise ValueError(f"{OP}: max_seqlen is for varlen batches: pass it with cu_seqlens, got {max_seqlen!r}")
+    H = q.shape[1]
+    B, _, bound = check.varlen_batch(OP, q, cu_seqlens, max_seqlen)  # B: sequences
+    bound = bound or 0  # the op's "not given"
     cuda_dtypes = (torch.float32, torch.bfloat16)
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = check.state_pair(OP, "initial_state", initial_state, B, H, VALUE_DIM, q.device, cuda_dtypes)
-    pool_S = pool_z = None
     if (state is None) != (state_indices is None):
         raise ValueError(f"{OP}: state (a pool) and state_indices go together, got "
                          f"{'state' if state is not None else 'state_indices'} alone")
@@ -134,7 +126,6 @@ def based_prefill(q, k, v, *, scale=None, normalize=True, eps=1e-6, initial_stat
             raise ValueError(f"{OP}: with a state pool the final states go into it: pass return_state=False")
         pool_S, pool_z = check.writable_state(OP, "state", state, None, H, VALUE_DIM, q.device, cuda_dtypes)
         check.pool_indices(OP, "state_indices", state_indices, B, pool_S.shape[0], q.device)
-    if state is not None:
         return torch.ops.attn_kernels.based_prefill_to_pool(q, k, v, scale, normalize, eps, S0, z0, cu_seqlens, bound,
                                                             pool_S, pool_z, state_indices)
     o, S, z = torch.ops.attn_kernels.based_prefill(q, k, v, scale, normalize, eps, S0, z0, return_state,

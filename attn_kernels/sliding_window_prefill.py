@@ -68,19 +68,9 @@ def sliding_window_prefill(q, k, v, k_cache, v_cache, *, window=64, scale=None, 
     check.same_device(OP, "q", q, k=k, v=v)
     check.input_dtype(OP, "q", q, k=k, v=v)
 
-    max_len = N  # a bound on the longest sequence: the launch grid's query blocks
-    if cu_seqlens is None:
-        nseq = B
-        if max_seqlen is not None:
-            raise ValueError(f"{OP}: max_seqlen is for varlen batches: pass it with cu_seqlens, got {max_seqlen!r}")
-    else:
-        if B != 1:
-            raise ValueError(f"{OP}: q.shape[0] must be 1 with cu_seqlens (sequences packed along N), got {B}")
-        nseq, longest = check.cu_seqlens(OP, cu_seqlens, N, q.device)
-        if max_seqlen is not None:
-            max_len = min(check.seqlen_bound(OP, max_seqlen, longest), N)
-        if longest is not None:
-            max_len = longest
+    nseq, longest, bound = check.varlen_batch(OP, q, cu_seqlens, max_seqlen)
+    # a bound on the longest sequence (the launch grid's query blocks): read, given, or N
+    max_len = longest if longest is not None else min(bound, N) if bound is not None else N
 
     if nseq > 65535 or H > 65535:  # the launch grid's y (heads) and z (sequences)
         raise ValueError(f"{OP}: at most 65535 sequences and 65535 heads, got {nseq} sequences and {H} heads")

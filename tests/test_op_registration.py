@@ -91,8 +91,9 @@ def swd_pooled_args(device):
     return (q, kn, vn, *pools, positions, scale, torch.tensor([3, -1], dtype=torch.int32, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op,make", [
+# Each op with sample arguments (a callable of the device): opcheck runs them all, on the CPU and the GPU,
+# and the GPU checks that each runs the op's own kernel.
+OP_CASES = [
     pytest.param("based_prefill", prefill_args, id="based_prefill"),
     pytest.param("based_prefill", lambda d: prefill_args(d, init=False, return_state=False), id="based_prefill-plain"),
     pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
@@ -103,7 +104,11 @@ def swd_pooled_args(device):
     pytest.param("sliding_window_prefill", swp_args, id="sliding_window_prefill"),
     pytest.param("sliding_window_prefill", lambda d: swp_args(d, varlen=True), id="sliding_window_prefill-varlen"),
     pytest.param("sliding_window_decode", swd_pooled_args, id="sliding_window_decode-pooled"),
-])
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,make", OP_CASES)
 def test_opcheck(op, make, device):
     torch.library.opcheck(getattr(torch.ops.attn_kernels, op).default, make(device))
 
@@ -212,15 +217,7 @@ KERNEL_NAMES = {  # a substring of the CUDA kernel each op launches, as the prof
 
 
 @requires_cuda
-@pytest.mark.parametrize("op,make", [
-    pytest.param("based_prefill", prefill_args, id="based_prefill"),
-    pytest.param("based_prefill", prefill_varlen_args, id="based_prefill-varlen"),
-    pytest.param("based_prefill_to_pool", prefill_pool_args, id="based_prefill_to_pool"),
-    pytest.param("based_decode", decode_args, id="based_decode"),
-    pytest.param("based_decode", pooled_decode_args, id="based_decode-pooled"),
-    pytest.param("sliding_window_decode", swd_args, id="sliding_window_decode"),
-    pytest.param("sliding_window_prefill", swp_args, id="sliding_window_prefill"),
-])
+@pytest.mark.parametrize("op,make", OP_CASES)
 def test_each_op_runs_its_kernel(op, make):
     """The profiler sees the op's own kernel run: fails if anything else (e.g. PyTorch ops) served it."""
     args = make("cuda")

@@ -288,7 +288,7 @@ REJECTS = [
      ["non-decreasing", "cu_seqlens[1] = 4 > cu_seqlens[2] = 3"]),
     ("cu-last", dict(varlen=True), dict(cu_seqlens=torch.tensor([0, 3, 3, 9], dtype=I32)), ValueError,
      ["cu_seqlens[-1] must equal the packed length T = 10", "9"]),
-    ("cu-B2", {}, dict(cu_seqlens=torch.tensor([0, 3, 10], dtype=I32)), ValueError, ["q.shape[0] must be 1"]),
+    ("cu-B2", {}, dict(cu_seqlens=torch.tensor([0, 3, 10], dtype=I32)), ValueError, ["packed as (1, H, T, .)", "got B = 2"]),
     ("cu-cache-rows", dict(varlen=True), dict(k_cache=torch.randn(2, 2, 8, 64), v_cache=torch.randn(2, 2, 8, 64)),
      ValueError, ["k_cache.shape[0] must be n (one per packed sequence) = 3"]),
     ("max-short", dict(varlen=True), dict(max_seqlen=6), ValueError, ["max_seqlen must be >= the longest", "7"]),
