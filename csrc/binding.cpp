@@ -75,9 +75,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill(
               "based_prefill: a state pool (pool_S, pool_z, state_indices) goes together, without return_state");
   const at::Tensor q = vector_friendly(q_in), k = vector_friendly(k_in), v = vector_friendly(v_in);
   const int64_t T = q.size(2);
-  // Sequences (B) and the bound on their length (N).
+  // Sequences (B) and the bound on their length (N; at least 1: a varlen batch may hold no rows at all).
   const int B = varlen ? int(cu_seqlens->numel() - 1) : int(q.size(0)), H = q.size(1);
-  const int N = varlen ? int(max_seqlen > 0 ? std::min<int64_t>(max_seqlen, T) : T) : int(T);
+  const int N = std::max(1, varlen ? int(max_seqlen > 0 ? std::min<int64_t>(max_seqlen, T) : T) : int(T));
   at::Tensor o = output_like(v_in);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor S = return_state ? at::empty({B, H, kCompactFeatures, kValueDim}, f32) : at::empty({0}, f32);
@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill(
   if (int64_t(B) * H == 0) return {o, S, z};
   if (T == 0 && !varlen) return {o, S, z};
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const size_t ws_bytes = based_prefill_workspace_bytes(B, H, std::max(N, 1), num_sms, varlen);
+  const size_t ws_bytes = based_prefill_workspace_bytes(B, H, N, num_sms, varlen);
   at::Tensor ws = at::empty({int64_t(ws_bytes)}, q.options().dtype(at::kByte));
 
   BasedPrefillParams p{};
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill(
   p.pool_size = pooled ? int(pool_S->size(0)) : 0;
   p.pool_bf16 = pooled && pool_S->scalar_type() == at::kBFloat16;
   p.total = T;
-  p.B = B; p.H = H; p.N = std::max(N, 1);
+  p.B = B; p.H = H; p.N = N;
   p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
   p.dtype = dtype_of(q);
   p.num_sms = num_sms;
