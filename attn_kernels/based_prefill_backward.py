@@ -2,7 +2,8 @@
 formula (torch.library.register_autograd), so training through based_prefill works and torch.compile traces
 forward and backward.
 
-The CPU op is the written-out reference backward (reference_backward.based_vjp, float32; float64 stays). The CUDA kernel is not written yet (issue 15): on CUDA the backward raises, it never falls back."""
+The CPU op is the written-out reference backward (reference_backward.based_vjp, float32; float64 stays); the CUDA
+op is the kernel csrc/based_prefill_backward/ (registered from csrc/binding.cpp)."""
 from __future__ import annotations
 
 import torch
@@ -36,9 +37,7 @@ def _fake(q, k, v, S0, z0, grad_o, grad_S, grad_z, scale, normalize, eps, needs)
 define_op(OP, "(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, Tensor? grad_o, Tensor? grad_S, "
               "Tensor? grad_z, float scale, bool normalize, float eps, bool[] needs) "
               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-          cpu=_reference_backward, fake=_fake,
-          cuda_pending="issue 15: the fused backward kernel; training on CUDA needs it, the CPU op has the "
-                       "reference backward")
+          cpu=_reference_backward, fake=_fake)
 
 
 # ---- based_prefill's autograd formula ----------------------------------------------------------------------

@@ -17,6 +17,7 @@
 
 #include "based_decode/based_decode.h"
 #include "based_prefill/based_prefill.h"
+#include "based_prefill_backward/based_prefill_backward.h"
 #include "sliding_window_decode/sliding_window_decode.h"
 #include "sliding_window_prefill/sliding_window_prefill.h"
 
@@ -156,6 +157,109 @@ at::Tensor based_prefill_to_pool_cuda(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& state_indices) {
   return std::get<0>(prefill(q, k, v, scale, normalize, eps, S0, z0, false, cu_seqlens, max_seqlen, pool_S, pool_z,
                              state_indices));
+}
+
+// An optional tensor that is absent or empty (autograd's "no gradient") -> undefined.
+at::Tensor present(const std::optional<at::Tensor>& t) {
+  return (t.has_value() && t->numel() > 0) ? *t : at::Tensor();
+}
+
+// The backward reads element by element: any strides but a unit last one (autograd's expanded gradients have
+// stride 0 everywhere: copied once).
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// A gradient laid out like its input where that layout has a unit last stride, else contiguous.
+at::Tensor grad_like(const at::Tensor& t) {
+  at::Tensor g = at::empty_like(t);
+  return g.stride(-1) == 1 ? g : at::empty(t.sizes(), t.options());
+}
+
+// Gradients of based_prefill (dense batches): (dq, dk, dv, dS0, dz0), each in its input's dtype, an empty
+// tensor where needs[i] is false or (S0, z0) is absent. grad_o, grad_S, grad_z: absent or empty = zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> based_prefill_backward_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& S0,
+    const std::optional<at::Tensor>& z0, const std::optional<at::Tensor>& grad_o_in,
+    const std::optional<at::Tensor>& grad_S_in, const std::optional<at::Tensor>& grad_z_in, double scale,
+    bool normalize, double eps, c10::List<bool> needs) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == kFeatDim && k_in.sizes() == q_in.sizes(),
+              "based_prefill_backward: q, k must be (B, H, N, 16)");
+  TORCH_CHECK(v_in.dim() == 4 && v_in.size(3) == kValueDim && v_in.sizes().slice(0, 3) == q_in.sizes().slice(0, 3),
+              "based_prefill_backward: v must be (B, H, N, 64)");
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+              "based_prefill_backward: q, k, v must have one dtype");
+  TORCH_CHECK(needs.size() == 5, "based_prefill_backward: needs must be 5 bools (dq, dk, dv, dS0, dz0)");
+  TORCH_CHECK(S0.has_value() == z0.has_value(), "based_prefill_backward: S0 and z0 go together");
+  const at::Tensor grad_o = present(grad_o_in), grad_S = present(grad_S_in), grad_z = present(grad_z_in);
+  TORCH_CHECK(!grad_o.defined() || (grad_o.sizes() == v_in.sizes() && grad_o.scalar_type() == q_in.scalar_type() &&
+                                    grad_o.device() == q_in.device()),
+              "based_prefill_backward: grad_o must be like v (B, H, N, 64), in q's dtype and device");
+  const int B = q_in.size(0), H = q_in.size(1), N = q_in.size(2);
+  const int64_t states = int64_t(B) * H;
+  const auto f32 = q_in.options().dtype(at::kFloat);
+  // States as contiguous float32 (B, H, 153, 64) / (B, H, 153) (a bfloat16 S0 widened, as the forward does).
+  auto state32 = [&](const at::Tensor& t, int64_t numel, const char* what) {
+    at::Tensor c = t.to(f32).contiguous();
+    TORCH_CHECK(c.numel() == numel, "based_prefill_backward: ", what, " must be (B, H, 153, 64) / (B, H, 153)");
+    return c;
+  };
+  const int64_t s_numel = states * kCompactFeatures * kValueDim, z_numel = states * kCompactFeatures;
+  const bool init = S0.has_value();
+  const at::Tensor S0c = init ? state32(*S0, s_numel, "S0") : at::Tensor();
+  const at::Tensor z0c = init ? state32(*z0, z_numel, "z0") : at::Tensor();
+  const at::Tensor gSc = grad_S.defined() ? state32(grad_S, s_numel, "grad_S") : at::Tensor();
+  const at::Tensor gzc = grad_z.defined() ? state32(grad_z, z_numel, "grad_z") : at::Tensor();
+
+  const bool need_q = needs.get(0), need_k = needs.get(1), need_v = needs.get(2);
+  const bool need_S0 = init && needs.get(3), need_z0 = init && needs.get(4);
+  auto none = [&]() { return q_in.new_empty({0}); };  // one per output: outputs never alias
+  at::Tensor dq = need_q ? grad_like(q_in) : none(), dk = need_k ? grad_like(k_in) : none();
+  at::Tensor dv = need_v ? grad_like(v_in) : none();
+  at::Tensor dS0 = need_S0 ? at::empty({B, H, kCompactFeatures, kValueDim}, f32) : none();
+  at::Tensor dz0 = need_z0 ? at::empty({B, H, kCompactFeatures}, f32) : none();
+  auto to_input_dtype = [&](at::Tensor g, const std::optional<at::Tensor>& like) {  // dS0 / dz0 as S0 / z0
+    return (g.numel() > 0 && like->scalar_type() != at::kFloat) ? g.to(like->scalar_type()) : g;
+  };
+  if (states == 0) return {dq, dk, dv, dS0, dz0};
+  if (N == 0) {  // no tokens: the initial state's gradient is the returned state's
+    if (need_S0) gSc.defined() ? dS0.copy_(gSc.view(dS0.sizes())) : dS0.zero_();
+    if (need_z0) gzc.defined() ? dz0.copy_(gzc.view(dz0.sizes())) : dz0.zero_();
+    return {dq, dk, dv, to_input_dtype(dS0, S0), to_input_dtype(dz0, z0)};
+  }
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  at::Tensor go = grad_o.defined() ? unit_last_stride(grad_o) : at::Tensor();
+
+  BasedPrefillBackwardParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  copy_strides(q, {&p.q_sb, &p.q_sh, &p.q_sn});
+  copy_strides(k, {&p.k_sb, &p.k_sh, &p.k_sn});
+  copy_strides(v, {&p.v_sb, &p.v_sh, &p.v_sn});
+  if (go.defined()) {
+    p.grad_o = go.data_ptr();
+    copy_strides(go, {&p.go_sb, &p.go_sh, &p.go_sn});
+    if (AK_MUTANT(binding_bwd_grad_o_strides)) p.go_sb = int64_t(H) * N * kValueDim, p.go_sh = int64_t(N) * kValueDim,
+                                                p.go_sn = kValueDim;
+  }
+  p.S0 = init ? S0c.data_ptr<float>() : nullptr;
+  p.z0 = init ? z0c.data_ptr<float>() : nullptr;
+  p.grad_S = gSc.defined() ? gSc.data_ptr<float>() : nullptr;
+  p.grad_z = gzc.defined() ? gzc.data_ptr<float>() : nullptr;
+  p.dq = need_q ? dq.data_ptr() : nullptr;
+  p.dk = need_k ? dk.data_ptr() : nullptr;
+  p.dv = need_v ? dv.data_ptr() : nullptr;
+  if (need_q) copy_strides(dq, {&p.dq_sb, &p.dq_sh, &p.dq_sn});
+  if (need_k) copy_strides(dk, {&p.dk_sb, &p.dk_sh, &p.dk_sn});
+  if (need_v) copy_strides(dv, {&p.dv_sb, &p.dv_sh, &p.dv_sn});
+  p.dS0 = need_S0 ? dS0.data_ptr<float>() : nullptr;
+  p.dz0 = need_z0 ? dz0.data_ptr<float>() : nullptr;
+  p.B = B; p.H = H; p.N = N;
+  p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
+  p.dtype = dtype_of(q);
+  const size_t ws_bytes = based_prefill_backward_workspace_bytes(p);
+  at::Tensor ws = at::empty({int64_t(ws_bytes / sizeof(float))}, f32);
+  p.workspace = ws_bytes ? ws.data_ptr<float>() : nullptr;
+  C10_CUDA_CHECK(based_prefill_backward_launch(p, at::cuda::getCurrentCUDAStream()));
+  return {dq, dk, dv, to_input_dtype(dS0, S0), to_input_dtype(dz0, z0)};
 }
 
 at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -306,6 +410,7 @@ at::Tensor sliding_window_prefill_cuda(const at::Tensor& q_in, const at::Tensor&
 TORCH_LIBRARY_IMPL(attn_kernels, CUDA, m) {
   m.impl("based_prefill", &based_prefill_cuda);
   m.impl("based_prefill_to_pool", &based_prefill_to_pool_cuda);
+  m.impl("based_prefill_backward", &based_prefill_backward_cuda);
   m.impl("based_decode", &based_decode_cuda);
 #if !AK_MUTANT(binding_op_missing)
   m.impl("sliding_window_decode", &sliding_window_decode_cuda);

@@ -25,7 +25,7 @@ def test_catalog_has_named_unique_mutants_over_every_kernel_and_the_binding():
     assert len(mutants) >= 15
     assert len({m.name for m in mutants}) == len(mutants) and len({m.ident for m in mutants}) == len(mutants)
     assert all(m.ident > 0 and m.what for m in mutants)
-    assert {m.name.split("_", 1)[0] for m in mutants} == {"prefill", "decode", "swd", "swp", "binding"}
+    assert {m.name.split("_", 1)[0] for m in mutants} == {"prefill", "decode", "swd", "swp", "bwd", "binding"}
 
 
 @pytest.mark.parametrize("name", [m.name for m in run.catalog()])

@@ -48,10 +48,19 @@
 #define AK_MUTANT_swp_varlen_boundary 36   // keys of the previous packed sequence are attended
 #define AK_MUTANT_swp_fully_masked_nan 37  // a row whose keys so far are all masked gives NaN (no -inf guard)
 #define AK_MUTANT_swp_bad_index_computed 38  // an out-of-range cache index gives computed outputs, not NaN
+// based_prefill_backward
+#define AK_MUTANT_bwd_causal_diag 39      // the backward's causal mask drops the diagonal (A, ds: key < query)
+#define AK_MUTANT_bwd_tail_dropped 40     // both sweeps skip the last partial chunk of 64 tokens
+#define AK_MUTANT_bwd_forward_state_frozen 41  // forward sweep: S, z never advance (every chunk sees S0, z0)
+#define AK_MUTANT_bwd_dstate_frozen 42    // backward sweep: dS, dz never accumulate the later chunks' queries
+#define AK_MUTANT_bwd_dden_dropped 43     // normalize: the denominator's gradient dden taken as 0
+#define AK_MUTANT_bwd_grad_state_ignored 44  // the gradient into the returned S (grad_S) ignored
+#define AK_MUTANT_bwd_square_vjp 45       // the square features' derivative a/sqrt(2) instead of sqrt(2) a
 // the binding (csrc/binding.cpp)
-#define AK_MUTANT_binding_v_stride 39      // v's head stride taken from a contiguous layout
-#define AK_MUTANT_binding_state_dtype 40   // a bfloat16 initial state dropped (read as zeros)
-#define AK_MUTANT_binding_op_missing 41    // sliding_window_decode's CUDA kernel not registered
+#define AK_MUTANT_binding_v_stride 46      // v's head stride taken from a contiguous layout
+#define AK_MUTANT_binding_state_dtype 47   // a bfloat16 initial state dropped (read as zeros)
+#define AK_MUTANT_binding_op_missing 48    // sliding_window_decode's CUDA kernel not registered
+#define AK_MUTANT_binding_bwd_grad_o_strides 49  // based_prefill_backward: grad_o's strides taken as contiguous
 
 #define AK_MUTANT_CAT_(a, b) a##b
 #define AK_MUTANT_CAT(a, b) AK_MUTANT_CAT_(a, b)

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "csrc" / "common" / "mutants.h"
 BUILD = ROOT / "build" / "mutants"
 OP_TESTS = {"prefill": "test_based_prefill.py", "decode": "test_based_decode.py",
-            "swd": "test_sliding_window_decode.py", "swp": "test_sliding_window_prefill.py", "binding": "test_op_registration.py"}
+            "swd": "test_sliding_window_decode.py", "swp": "test_sliding_window_prefill.py",
+            "bwd": "test_based_prefill_backward_cuda.py", "binding": "test_op_registration.py"}
 TEST_TIMEOUT_S = 900
 
 

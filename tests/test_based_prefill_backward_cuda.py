@@ -1,0 +1,178 @@
+"""based_prefill_backward's CUDA kernels (csrc/based_prefill_backward/) against the float64 reference backward
+(reference_backward.based_vjp), and training through based_prefill on CUDA.
+
+Tolerance (tests/README.md's rule, row by row): |kernel - ref64| <= 2 |lowp - ref64| + eps(dtype) |ref64|, with
+ref64 = based_vjp in float64 from the same low-precision inputs and the comparator lowp = based_vjp run in the
+input dtype (every input, state and gradient rounded to it; PyTorch's fp16/bf16 matmuls accumulate in float32):
+what a PyTorch training step in that precision computes. The kernel widens its inputs to float32 and computes
+every product and running state (S, z, dS, dz) in float32, rounding only the outputs (dq, dk, dv to the input
+dtype: at most one rounding step, the floor), so a correct kernel sits far below the bound; a wrong carry, mask,
+term or index is off by O(1) of the gradient."""
+import pytest
+import torch
+
+import attn_kernels as ak
+from attn_kernels.reference_backward import based_vjp
+from harness import DTYPE_IDS, assert_close_rule, nbytes, poison_allocator, prior_state, randn, requires_cuda
+
+pytestmark = requires_cuda
+
+NAMES = ("dq", "dk", "dv", "dS0", "dz0")
+ALL = (True, True, True, True, True)
+# (B, H, N): one token, ragged lengths around the 64-token chunk, long ones, several B*H.
+SHAPES = [(1, 1, 1), (2, 3, 63), (2, 3, 65), (1, 4, 1000), (1, 2, 4097), (3, 8, 130)]
+
+
+def make(B, H, N, dtype, transposed=False, init=True, grad_state=True):
+    """Fresh random inputs: q, k, v, grad_o (laid out (B, N, H, .) when transposed), the initial state
+    (prior_state, float32) and the gradients into the returned state (float32)."""
+    q, k = (randn(B, H, N, 16, dtype=dtype, device="cuda", transposed=transposed) for _ in range(2))
+    v, go = (randn(B, H, N, 64, dtype=dtype, device="cuda", transposed=transposed) for _ in range(2))
+    init_state = prior_state(B, H, "cuda") if init else None
+    gstate = (torch.randn(B, H, 153, 64, device="cuda"), torch.randn(B, H, 153, device="cuda")) if grad_state else None
+    return q, k, v, go, init_state, gstate
+
+
+def run(q, k, v, go, init, gstate, normalize=True, needs=ALL, scale=None, eps=1e-6):
+    return ak.based_prefill_backward(q, k, v, go, grad_state=gstate, initial_state=init, normalize=normalize,
+                                     needs=needs, scale=scale, eps=eps)
+
+
+def references(q, k, v, go, init, gstate, normalize, scale=None, eps=1e-6):
+    """(ref64, lowp): based_vjp in float64 and in the input dtype, from the same inputs."""
+    def vjp(dt):
+        cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
+        gS, gz = (None, None) if gstate is None else gstate
+        return based_vjp(cast(q), cast(k), cast(v), cast(go), cast(gS), cast(gz), scale=scale, normalize=normalize,
+                         eps=eps, initial_state=None if init is None else (cast(init[0]), cast(init[1])))
+    return vjp(torch.float64), vjp(q.dtype)
+
+
+def check(grads, q, k, v, go, init, gstate, normalize, needs=ALL, scale=None, eps=1e-6):
+    ref64, lowp = references(q, k, v, go, init, gstate, normalize, scale, eps)
+    for name, g, r64, rl, need in zip(NAMES, grads, ref64, lowp, needs):
+        if r64 is None or not need:
+            assert g.numel() == 0, f"{name}: expected an empty tensor, got {tuple(g.shape)}"
+            continue
+        assert_close_rule(name, g, r64, rl)
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["s0", "init"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["bhnd", "bnhd"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("B,H,N", [pytest.param(*s, id=f"B{s[0]}-H{s[1]}-N{s[2]}") for s in SHAPES])
+def test_matrix(B, H, N, dtype, transposed, normalize, init):
+    """Every gradient, from o and from the returned state, NaN-poisoned outputs (assert_close_rule checks that
+    every element was written)."""
+    q, k, v, go, init_state, gstate = make(B, H, N, dtype, transposed, init)
+    poison_allocator(nbytes(B, H, N, 16, dtype=dtype), nbytes(B, H, N, 64, dtype=dtype),
+                     nbytes(B, H, 153, 64, dtype=torch.float32), nbytes(B, H, 153, dtype=torch.float32))
+    grads = run(q, k, v, go, init_state, gstate, normalize)
+    for g, t in zip(grads, (q, k, v)):
+        assert g.dtype == dtype and g.shape == t.shape
+    check(grads, q, k, v, go, init_state, gstate, normalize)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+def test_without_gradient_into_the_state(normalize):
+    q, k, v, go, init_state, _ = make(2, 3, 200, torch.bfloat16)
+    check(run(q, k, v, go, init_state, None, normalize), q, k, v, go, init_state, None, normalize)
+
+
+@pytest.mark.parametrize("scale,eps", [(0.1, 1e-6), (0.5, 0.0), (0.25, 10.0)], ids=["c0.1", "c0.5-eps0", "eps10"])
+def test_scale_and_eps(scale, eps):
+    q, k, v, go, init_state, gstate = make(2, 2, 150, torch.bfloat16)
+    check(run(q, k, v, go, init_state, gstate, scale=scale, eps=eps), q, k, v, go, init_state, gstate, True,
+          scale=scale, eps=eps)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False, False), (False, True, False, False, False),
+                                   (False, False, True, False, False), (False, False, False, True, False),
+                                   (False, False, False, False, True), (False, True, True, False, True)],
+                         ids=["dq", "dk", "dv", "dS0", "dz0", "dk-dv-dz0"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+def test_needs_mask(needs, normalize):
+    """Gradients not needed come back empty; the needed ones are bitwise those of the full call (the same
+    arithmetic: a sweep or step that is skipped never feeds another gradient)."""
+    q, k, v, go, init_state, gstate = make(2, 3, 130, torch.bfloat16)
+    full = run(q, k, v, go, init_state, gstate, normalize)
+    part = run(q, k, v, go, init_state, gstate, normalize, needs=needs)
+    for name, a, b, n in zip(NAMES, part, full, needs):
+        if n:
+            assert torch.equal(a, b), name
+        else:
+            assert a.numel() == 0, name
+
+
+def test_nothing_needed_gives_empty_outputs():
+    q, k, v, go, init_state, gstate = make(1, 2, 70, torch.float16)
+    assert all(t.numel() == 0 for t in run(q, k, v, go, init_state, gstate, needs=(False,) * 5))
+
+
+def test_bitwise_deterministic():
+    """No atomics: 20 runs give the same bits (a long sequence, many heads)."""
+    q, k, v, go, init_state, gstate = make(2, 4, 1100, torch.bfloat16, transposed=True)
+    first = run(q, k, v, go, init_state, gstate)
+    for _ in range(20):
+        for name, a, b in zip(NAMES, run(q, k, v, go, init_state, gstate), first):
+            assert torch.equal(a, b), name
+
+
+def test_cuda_graph_capture_and_replay():
+    """The backward captures into a CUDA graph (current stream, no sync, workspace from the allocator) and
+    replays on new input values, bitwise equal to eager calls."""
+    q, k, v, go, init_state, gstate = make(2, 2, 300, torch.float16)
+    run(q, k, v, go, init_state, gstate)  # warm-up (function attributes) outside capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = run(q, k, v, go, init_state, gstate)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        for t in (q, k, v, go, *init_state, *gstate):
+            t.copy_(torch.randn_like(t, dtype=torch.float32).to(t.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, a, b in zip(NAMES, out, run(q, k, v, go, init_state, gstate)):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_training_through_autograd_equals_the_op(dtype, normalize):
+    """loss.backward() through based_prefill (o and the returned state used) gives bitwise the gradients of
+    calling the backward op with the same upstream gradients."""
+    B, H, N = 2, 3, 150
+    q, k, v, _, (S0, z0), _ = make(B, H, N, dtype, transposed=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, S0, z0)]
+    W = torch.randn(B, H, N, 64, device="cuda")
+    WS, wz = torch.randn(B, H, 153, 64, device="cuda"), torch.randn(B, H, 153, device="cuda")
+    o, (S, z) = ak.based_prefill(*leaves[:3], initial_state=tuple(leaves[3:]), normalize=normalize, return_state=True)
+    ((o.float() * W).sum() + (S * WS).sum() + (z * wz).sum()).backward()
+    want = run(q, k, v, W.to(dtype), (S0, z0), (WS, wz), normalize)
+    for name, leaf, g in zip(NAMES, leaves, want):
+        assert torch.equal(leaf.grad, g), name
+
+
+def test_o_sum_backward_expanded_gradient():
+    """o.sum().backward(): autograd's grad_o is an expanded tensor (stride 0), read correctly."""
+    q, k, v, _, _, _ = make(1, 2, 90, torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ak.based_prefill(*leaves).sum().backward()
+    want = run(q, k, v, torch.ones_like(v), None, None)
+    for name, leaf, g in zip(NAMES, leaves, want):
+        assert torch.equal(leaf.grad, g), name
+
+
+def test_bfloat16_initial_state():
+    """A bfloat16 (S0, z0) is widened exactly: the gradients equal those from its float32 copy, and dS0, dz0
+    come back in bfloat16."""
+    q, k, v, go, init_state, gstate = make(2, 2, 100, torch.bfloat16)
+    init16 = tuple(t.to(torch.bfloat16) for t in init_state)
+    got = run(q, k, v, go, init16, gstate)
+    want = run(q, k, v, go, tuple(t.float() for t in init16), gstate)
+    assert got[3].dtype == torch.bfloat16 and got[4].dtype == torch.bfloat16
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b.to(a.dtype)), name
