@@ -88,3 +88,16 @@ def test_sliding_window_decode_pooled(W, e):
     torch.cuda.synchronize()
     assert torch.isnan(o[[2, 4, 5]]).all() and torch.equal(o[1], torch.zeros_like(o[1]))
     assert_written("o (pool rows)", o[[0, 3]])
+
+
+@pytest.mark.parametrize("B,H,N,normalize", [(1, 2, 65, True), (2, 3, 1000, False)], ids=["N65-norm", "N1000-num"])
+def test_based_prefill_backward(B, H, N, normalize):
+    """Both sweeps with an initial state and gradients into the returned state; every gradient written."""
+    q, k = (torch.randn(B, N, H, 16, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    v, go = (torch.randn(B, N, H, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    init = (torch.rand(B, H, 153, 64, device="cuda"), torch.rand(B, H, 153, device="cuda") + 1)
+    gstate = (torch.randn(B, H, 153, 64, device="cuda"), torch.randn(B, H, 153, device="cuda"))
+    grads = ak.based_prefill_backward(q, k, v, go, grad_state=gstate, initial_state=init, normalize=normalize)
+    torch.cuda.synchronize()
+    for name, t in zip(("dq", "dk", "dv", "dS0", "dz0"), grads):
+        assert_written(name, t)
