@@ -164,9 +164,9 @@ at::Tensor present(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->numel() > 0) ? *t : at::Tensor();
 }
 
-// The backward reads element by element: any strides but a unit last one (autograd's expanded gradients have
-// stride 0 everywhere: copied once).
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+// The backward loads 16-byte vectors (vector_friendly); a last stride other than 1 (autograd's expanded
+// gradients have stride 0 everywhere) is copied once first.
+at::Tensor vector_input(const at::Tensor& t) { return vector_friendly(t.stride(-1) == 1 ? t : t.contiguous()); }
 
 // A gradient laid out like its input where that layout has a unit last stride, else contiguous.
 at::Tensor grad_like(const at::Tensor& t) {
@@ -226,8 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> based_pre
     if (need_z0) gzc.defined() ? dz0.copy_(gzc.view(dz0.sizes())) : dz0.zero_();
     return {dq, dk, dv, to_input_dtype(dS0, S0), to_input_dtype(dz0, z0)};
   }
-  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  at::Tensor go = grad_o.defined() ? unit_last_stride(grad_o) : at::Tensor();
+  const at::Tensor q = vector_input(q_in), k = vector_input(k_in), v = vector_input(v_in);
+  at::Tensor go = grad_o.defined() ? vector_input(grad_o) : at::Tensor();
 
   BasedPrefillBackwardParams p{};
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();

@@ -2,31 +2,38 @@
 // the forward (64 tokens), O(N) memory, deterministic (no atomics: every sum has one owner and a fixed order).
 //
 // What the forward saves: q, k, v and the initial state (S0, z0); everything else is recomputed. Two kernels,
-// one CTA per (b, h) each, walking the head's chunks with a float32 running state (160 x 64, the 153 compact
-// features padded, plus z) in shared memory:
-//   forward sweep  (c = 0, 1, ...; state S, z from S0, z0): the chunk's den and num against the state before
-//     it, so dnum = grad_o / (den + eps) and dden = -(dnum . num) / (den + eps); dq, whose inter-chunk part
-//     needs that same state; then S += phi(K)^T V, z += phi(K)^T 1. Runs when dq is needed, or with normalize
-//     (dnum, dden need den and num), then writing 1 / (den + eps) and dden per token (2 floats: the workspace).
+// one CTA of 10 warps per (b, h) each, walking the head's chunks with a float32 running state (160 features,
+// the 153 compact ones padded, x 64 values) in registers: warp w owns features 16w..16w+15 as mma.sync
+// accumulators, and the chunk's causal block w (the 10 blocks of 16 x 16 on and below the diagonal).
+//   forward sweep  (c = 0, 1, ...; S, z from S0, z0): per chunk den = rowsum A + phi(Q) z and
+//     dnum . num = inv (sum A * (G V^T) + phi(Q) . (G S^T)) (G = grad_o, inv = 1 / (den + eps)), so
+//     dnum = inv G and dden = -inv dnum . num without forming num; dq against the state before the chunk; then
+//     S += phi(K)^T V, z += phi(K)^T 1. Runs when dq is needed, or with normalize (the backward sweep needs
+//     dnum, dden), then writing inv and dden per token (2 floats: the workspace).
 //   backward sweep (c = last, ..., 0; dS, dz from grad_S, grad_z): dk and dv against dS, dz of the later
 //     chunks (the gradient the later queries send to this chunk's keys through the state), the intra-chunk
-//     parts from ds = (dnum v^T + dden)(1 + s) and A; then dS += phi(Q)^T dnum, dz += phi(Q)^T dden. After
+//     parts from ds = (dnum V^T + dden)(1 + s) and A; then dS += phi(Q)^T dnum, dz += phi(Q)^T dden. After
 //     the first chunk dS, dz are dS0, dz0. Runs when dk, dv, dS0 or dz0 is needed.
 // The `needs` mask arrives as null output pointers: no sweep, and no step inside one, runs for a gradient
 // nobody needs.
 //
-// This first version computes every product in float32 on the CUDA cores (tiles.cuh): correct and clear
-// first; tensor-core products (mma.sync, then wgmma as in the forward) are the next step.
+// Products: mma.sync m16n8k16, float32 accumulators. Chunk operands (q, k, v, grad_o, dnum, phi, A, ds) in the
+// input dtype; a state operand (S, dS) as bf16 (it can exceed fp16's range), for fp16 inputs bf16 hi + lo with
+// the other operand split too (~16-bit operands, the forward's v3 scheme); the states themselves stay float32.
+// z, dz and the feature map's Jacobian (per token, not a matrix product) run on the CUDA cores in float32.
 //
-//   tiles.cuh   the shared-memory tiles and the steps both sweeps use
-//   sweeps.cuh  the two kernels
-//   this file   the launcher
+//   tiles.cuh          the CTA's shape, tiles, fragments, where a state lives in the registers
+//   token_pass.cuh     the per-token feature sums and Jacobian
+//   forward_sweep.cuh  the forward sweep
+//   backward_sweep.cuh the backward sweep
+//   this file          the launcher
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "backward_sweep.cuh"
 #include "based_prefill_backward.h"
-#include "sweeps.cuh"
+#include "forward_sweep.cuh"
 
 namespace attn_kernels {
 namespace {
@@ -36,22 +43,23 @@ bool forward_sweep_runs(const BasedPrefillBackwardParams& p) {
   return p.dq || (p.normalize && backward_sweep_runs(p));
 }
 
+template <class Kernel>
+cudaError_t launch_one(Kernel kernel, int smem, const BasedPrefillBackwardParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned(int64_t(p.B) * p.H), BCfg::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_typed(const BasedPrefillBackwardParams& p, cudaStream_t stream) {
-  const unsigned grid = unsigned(int64_t(p.B) * p.H);
   if (forward_sweep_runs(p)) {
-    auto fwd = based_prefill_backward_forward_sweep<T>;
-    cudaError_t err = cudaFuncSetAttribute(fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, kBwdSmemBytes);
+    cudaError_t err = launch_one(based_prefill_backward_forward_sweep<T>, int(sizeof(FsSmem<T>)), p, stream);
     if (err != cudaSuccess) return err;
-    fwd<<<grid, BCfg::kThreads, kBwdSmemBytes, stream>>>(p);
   }
-  if (backward_sweep_runs(p)) {  // same stream: reads the forward sweep's workspace after it
-    auto bwd = based_prefill_backward_backward_sweep<T>;
-    cudaError_t err = cudaFuncSetAttribute(bwd, cudaFuncAttributeMaxDynamicSharedMemorySize, kBwdSmemBytes);
-    if (err != cudaSuccess) return err;
-    bwd<<<grid, BCfg::kThreads, kBwdSmemBytes, stream>>>(p);
-  }
-  return cudaGetLastError();
+  if (backward_sweep_runs(p))  // same stream: reads the forward sweep's workspace after it
+    return launch_one(based_prefill_backward_backward_sweep<T>, int(sizeof(BsSmem<T>)), p, stream);
+  return cudaSuccess;
 }
 
 }  // namespace

@@ -1,57 +1,55 @@
-// based_prefill_backward, part of based_prefill_backward.cu (included there only): the shared-memory tiles
-// of one chunk and the steps both sweeps build from them. Every quantity is float32 (inputs widened on load),
-// every product a float32 FMA on the CUDA cores, every sum in a fixed order: a first, clear and deterministic
-// version (tensor-core products are the next step: the tiles below are the operands they would take).
+// based_prefill_backward, part of based_prefill_backward.cu (included there only): the CTA's shape, the chunk
+// tiles in shared memory, the mma.sync fragments read from them, and where a running state lives in the
+// registers. Notation as in the overview (based_prefill_backward.cu).
 //
-// Notation (per (b, h); reference_backward.py's): a = sqrt(c) x for a query or key row x, extended by
-// a[16] = 1 (0 for a key past the sequence end, so its features are all zero); s_rj = a_r . a_j = c q_r.k_j;
-// A_rj = 1 + s + s^2/2 for j <= r (else 0); compact feature f = a_i a_j w with (i, j, w) from the feature
-// table (feature_order.h's order: 1 = a_16 a_16, sqrt(c) x_i = a_i a_16, c x_i^2/sqrt(2) = a_i a_i / sqrt(2),
-// c x_i x_j = a_i a_j; the padding features 153..159 have w = 0).
+// Tiles are 16-bit row-major with padded pitches (8 consecutive rows on distinct banks for ldmatrix), except
+// the feature tiles phi(Q), phi(K), which use the forward's phi_off layout (based_prefill/config.cuh) so that
+// the forward's feature map (based_prefill/feature_map.cuh) writes them unchanged.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <type_traits>
+#include <utility>
 
+#include "../based_prefill/feature_map.cuh"
+#include "../common/convert.h"
 #include "../common/feature_order.h"
+#include "../common/mma.h"
 #include "../common/mutants.h"
+#include "../common/ptx.h"
 #include "based_prefill_backward.h"
 
 namespace attn_kernels {
 namespace {
 
 struct BCfg {
-  static constexpr int kChunk = 64;    // tokens per chunk
-  static constexpr int kThreads = 256;
-  static constexpr int kF = 160;       // 153 compact features padded (the forward's padding)
-  static constexpr int kA = 17;        // a row: sqrt(c) x, then the constant
-  static constexpr int kP = 65;        // pitch of 64-wide tiles: rows r and r + 1 on different banks
-  static constexpr int kFP = 161;      // pitch of 160-wide tiles
-  static constexpr int kFPerThread = kF * kChunk / kThreads;  // 40
+  static constexpr int kChunk = 64;  // tokens per chunk
+  static constexpr int kWarps = 10;  // warp w owns state features 16w..16w+15 and causal block w of the chunk
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kTokenThreads = 4 * kChunk;  // the per-token passes: 4 threads per token (warps 0-7)
+  static constexpr int kF = 160;                     // 153 compact features padded to 10 blocks of 16
+  static constexpr int kQKP = 24;                    // pitches (elements) of 16-wide and 64-wide 16-bit rows
+  static constexpr int kVP = 72;
+  static constexpr int kGP = 164;  // float rows of 160 features (16-byte aligned, conflict-free fragment stores)
+  static constexpr int kPhiElems = kChunk * kF;
 };
+static_assert(BCfg::kWarps * 16 == BCfg::kF, "one feature block per warp");
 
-struct BwdSmem {
-  float aq[BCfg::kChunk][BCfg::kA];
-  float ak[BCfg::kChunk][BCfg::kA];
-  float v[BCfg::kChunk][BCfg::kP];
-  float g[BCfg::kChunk][BCfg::kP];         // grad_o, then dnum = grad_o / (den + eps)
-  float s[BCfg::kChunk][BCfg::kP];         // s[r][j], unmasked
-  float ds[BCfg::kChunk][BCfg::kP];        // ds[r][j] = (j <= r)(dnum_r . v_j + dden_r)(1 + s_rj)
-  float phi[BCfg::kChunk][BCfg::kFP];      // phi of the chunk's queries or keys
-  float gphi[BCfg::kChunk][BCfg::kFP];     // a gradient w.r.t. phi (dq's or dk's inter-chunk part)
-  float st[BCfg::kF][BCfg::kP];            // the running state: S (forward sweep) or dS (backward sweep)
-  float zt[BCfg::kF];                      // z or dz
-  float dden[BCfg::kChunk];                // -(dnum . num) / (den + eps); 0 with normalize=False
-  uint32_t fij[BCfg::kF];                  // feature f = a_i a_j w: i | j << 8
-  float fw[BCfg::kF];
-};
-constexpr int kBwdSmemBytes = int(sizeof(BwdSmem));
-static_assert(kBwdSmemBytes <= 227 * 1024, "one CTA's shared memory on sm_90");
+// The chunk's 10 causal 16 x 16 blocks (query block m, key block kt <= m), numbered row by row.
+__device__ __forceinline__ void intra_block(int i, int& m, int& kt) {
+  m = i >= 6 ? 3 : i >= 3 ? 2 : i >= 1 ? 1 : 0;
+  kt = i - m * (m + 1) / 2;
+}
+__device__ __forceinline__ int block_index(int m, int kt) { return m * (m + 1) / 2 + kt; }
 
 __device__ __forceinline__ float taylor(float s) { return fmaf(s, fmaf(s, 0.5f, 1.f), 1.f); }  // 1 + s + s^2/2
 __device__ __forceinline__ bool causal(int key, int query) {
   return AK_MUTANT(bwd_causal_diag) ? key < query : key <= query;
+}
+__device__ __forceinline__ int bwd_chunks(int N) {
+  return AK_MUTANT(bwd_tail_dropped) ? N / BCfg::kChunk : (N + BCfg::kChunk - 1) / BCfg::kChunk;
 }
 
 template <typename T>
@@ -59,171 +57,170 @@ __device__ __forceinline__ float ld(const T* p) {
   if constexpr (std::is_same_v<T, __half>) return __half2float(*p);
   else return __bfloat162float(*p);
 }
-template <typename T>
-__device__ __forceinline__ void st_out(T* p, float x) {
-  if constexpr (std::is_same_v<T, __half>) *p = __float2half_rn(x);
-  else *p = __float2bfloat16_rn(x);
+
+template <int... I, class Fn>
+__device__ __forceinline__ void static_for_impl(std::integer_sequence<int, I...>, Fn&& fn) {
+  (fn(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class Fn>
+__device__ __forceinline__ void static_for(Fn&& fn) {  // fn(integral_constant<int, 0..N-1>)
+  static_for_impl(std::make_integer_sequence<int, N>{}, fn);
 }
 
-__device__ __forceinline__ void init_feature_table(BwdSmem& sm, int tid) {
-  if (tid < BCfg::kF) {
-    const int f = tid;
-    int i = 16, j = 16;
-    float w = 1.f;
-    if (f == 0) {
-    } else if (f < kSquareFeature0) {
-      i = f - kLinearFeature0;
-    } else if (f < kPairFeature0) {
-      i = j = f - kSquareFeature0;
-      w = 0.70710678118654752f;
-    } else if (f < kCompactFeatures) {
-      const FeaturePair pr = feature_pair(f);
-      i = pr.i;
-      j = pr.j;
-    } else {
-      w = 0.f;
+// ---- fragments (common/mma.h's layouts; lane = 4g + t; ldmatrix: lane 8lj + lr gives row lr of matrix lj) --
+
+struct Lane {
+  int g, t, lj, lr;
+  __device__ __forceinline__ explicit Lane(int lane) : g(lane >> 2), t(lane & 3), lj(lane >> 3), lr(lane & 7) {}
+};
+
+// Shared addresses of element (row, col) of a tile: a padded row-major 16-bit tile, or a phi_off feature tile.
+template <int kPitch>
+struct RowTile {
+  uint32_t base;
+  __device__ __forceinline__ uint32_t operator()(int r, int c) const { return base + 2u * uint32_t(r * kPitch + c); }
+};
+struct PhiTile {
+  uint32_t base;
+  __device__ __forceinline__ uint32_t operator()(int r, int c) const { return base + 2u * uint32_t(phi_off(r, c)); }
+};
+
+// A (16 x 16) from a tile holding A (rows m0.., cols k0..).
+template <class At>
+__device__ __forceinline__ void a_frag(uint32_t (&a)[4], const At& at, int m0, int k0, const Lane& L) {
+  ldsm4(a, at(m0 + L.lr + 8 * (L.lj & 1), k0 + 8 * (L.lj >> 1)));
+}
+// A (16 x 16) from a tile holding A^T (rows k0.., cols m0..).
+template <class At>
+__device__ __forceinline__ void a_frag_t(uint32_t (&a)[4], const At& at, int k0, int m0, const Lane& L) {
+  ldsm4_t(a, at(k0 + L.lr + 8 * (L.lj >> 1), m0 + 8 * (L.lj & 1)));
+}
+// B of two n-tiles (k 16 x n 16; b[0..1] columns n0.., b[2..3] columns n0 + 8..) from a tile holding B^T
+// (rows n0.., cols k0..).
+template <class At>
+__device__ __forceinline__ void b_frag2(uint32_t (&b)[4], const At& at, int n0, int k0, const Lane& L) {
+  ldsm4(b, at(n0 + L.lr + 8 * (L.lj >> 1), k0 + 8 * (L.lj & 1)));
+}
+// The same from a tile holding B (rows k0.., cols n0..).
+template <class At>
+__device__ __forceinline__ void b_frag2_t(uint32_t (&b)[4], const At& at, int k0, int n0, const Lane& L) {
+  ldsm4_t(b, at(k0 + L.lr + 8 * (L.lj & 1), n0 + 8 * (L.lj >> 1)));
+}
+// Two 16 x 8 float32 accumulator tiles (columns n0.., n0 + 8..) as the A fragment (16 x 16) of the next product.
+template <typename T>
+__device__ __forceinline__ void c_to_a(const float (&c0)[4], const float (&c1)[4], uint32_t (&a)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+// ---- running states (S forward, dS backward) --------------------------------------------------------------
+
+// Warp w holds features 16w..16w+15 x the 64 values as m16n8 float32 accumulators:
+//   s[n][e] = S[16w + g + 8(e >> 1)][8n + 2t + (e & 1)],
+// so the bf16 pairs of two neighbouring n-tiles are the A fragment of S (features x values) for products over
+// the values. A state can exceed fp16's range, so it meets the tensor cores as bf16; with fp16 inputs as bf16
+// hi + lo (the forward's v3 split), the other operand split too, hi.hi + hi.lo + lo.hi: ~16-bit operands.
+using StateFrag = float[8][4];
+
+__device__ __forceinline__ void load_state(StateFrag& s, const float* S, int warp, const Lane& L) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int f = 16 * warp + L.g + 8 * hf, v = 8 * n + 2 * L.t;
+      float2 x = make_float2(0.f, 0.f);
+      if (S && f < kCompactFeatures) x = *reinterpret_cast<const float2*>(S + f * kValueDim + v);
+      s[n][2 * hf] = x.x;
+      s[n][2 * hf + 1] = x.y;
     }
-    sm.fij[f] = uint32_t(i) | uint32_t(j) << 8;
-    sm.fw[f] = w;
+}
+
+__device__ __forceinline__ void store_state(const StateFrag& s, float* S, int warp, const Lane& L) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int f = 16 * warp + L.g + 8 * hf, v = 8 * n + 2 * L.t;
+      if (f < kCompactFeatures)
+        *reinterpret_cast<float2*>(S + f * kValueDim + v) = make_float2(s[n][2 * hf], s[n][2 * hf + 1]);
+    }
+}
+
+// The state's A fragment over values 16ks..16ks+15: bf16 (hi), and lo = bf16(S - hi) when kSplit.
+template <bool kSplit>
+__device__ __forceinline__ void state_a(const StateFrag& s, int ks, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+  const float* c[4] = {&s[2 * ks][0], &s[2 * ks][2], &s[2 * ks + 1][0], &s[2 * ks + 1][2]};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kSplit) split_bf16x2(c[j][0], c[j][1], hi[j], lo[j]);
+    else hi[j] = pack2<bf16>(c[j][0], c[j][1]);
   }
 }
 
-// a rows of a chunk (rows t0.. of src, n_valid of them real): sqrt(c) x, and the constant `one` (rows past
-// the end: x = 0 and the constant `pad_one`).
+// acc += state (hi [+ lo]) * B, B's fragment (b0, b1) in the input type T (fp16: split exactly into bf16 hi + lo).
 template <typename T>
-__device__ __forceinline__ void load_a(const T* src, int64_t sn, int64_t t0, int n_valid, float sqrt_c,
-                                       float pad_one, float (&dst)[BCfg::kChunk][BCfg::kA], int tid) {
-  for (int idx = tid; idx < BCfg::kChunk * kFeatDim; idx += BCfg::kThreads) {
-    const int r = idx >> 4, d = idx & 15;
-    dst[r][d] = r < n_valid ? sqrt_c * ld(src + (t0 + r) * sn + d) : 0.f;
-  }
-  if (tid < BCfg::kChunk) dst[tid][kFeatDim] = tid < n_valid ? 1.f : pad_one;
-}
-
-// 64-wide rows (v or grad_o), each real row r times row_scale[r] (nullptr: 1); src nullptr: zeros.
-template <typename T>
-__device__ __forceinline__ void load_64(const T* src, int64_t sn, int64_t t0, int n_valid, const float* row_scale,
-                                        float (&dst)[BCfg::kChunk][BCfg::kP], int tid) {
-  for (int idx = tid; idx < BCfg::kChunk * kValueDim; idx += BCfg::kThreads) {
-    const int r = idx >> 6, e = idx & 63;
-    float x = 0.f;
-    if (src && r < n_valid) x = ld(src + (t0 + r) * sn + e) * (row_scale ? row_scale[r] : 1.f);
-    dst[r][e] = x;
+__device__ __forceinline__ void mma_state(float (&acc)[4], const uint32_t (&hi)[4], const uint32_t (&lo)[4],
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    uint32_t h0, l0, h1, l1;
+    const float2 f0 = unpack2<__half>(b0), f1 = unpack2<__half>(b1);
+    split_bf16x2(f0.x, f0.y, h0, l0);
+    split_bf16x2(f1.x, f1.y, h1, l1);
+    mma_16816<bf16>(acc, hi, h0, h1);
+    mma_16816<bf16>(acc, hi, l0, l1);
+    mma_16816<bf16>(acc, lo, h0, h1);
+  } else {
+    mma_16816<bf16>(acc, hi, b0, b1);
   }
 }
 
-// s[r][j] = a_r . a_j over the 16 real components. Thread: row tid / 4, columns tid % 4 + 4i.
-__device__ __forceinline__ void build_s(BwdSmem& sm, int tid) {
-  const int r = tid >> 2;
-#pragma unroll 4
-  for (int i = 0; i < BCfg::kChunk / 4; ++i) {
-    const int j = (tid & 3) + 4 * i;
-    float acc = 0.f;
-#pragma unroll
-    for (int d = 0; d < kFeatDim; ++d) acc = fmaf(sm.aq[r][d], sm.ak[j][d], acc);
-    sm.s[r][j] = acc;
+// ---- chunk loads ------------------------------------------------------------------------------------------
+
+// cp.async of rows t0..t0+63 (kCols 16-bit values each, src row stride sn) into a tile; rows past n_valid, or
+// all rows when src is null, zero-filled (nothing read; `any` is only a valid address for the instruction).
+template <int kCols, int kPitch, typename T>
+__device__ __forceinline__ void load_rows(T (&dst)[BCfg::kChunk][kPitch], const T* src, int64_t sn, int64_t t0,
+                                          int n_valid, const void* any, int tid) {
+  constexpr int kUnits = kCols / 8;
+  for (int u = tid; u < BCfg::kChunk * kUnits; u += BCfg::kThreads) {
+    const int r = u / kUnits, c = (u % kUnits) * 8;
+    const bool ok = src != nullptr && r < n_valid;
+    cp_async16(saddr(&dst[r][c]), ok ? static_cast<const void*>(src + (t0 + r) * sn + c) : any, ok);
   }
 }
 
-// phi[r][f] of the rows a. Thread: row tid / 4, features tid % 4 + 4i.
-__device__ __forceinline__ void build_phi(BwdSmem& sm, const float (&a)[BCfg::kChunk][BCfg::kA], int tid) {
-  const int r = tid >> 2;
-#pragma unroll 8
-  for (int i = 0; i < BCfg::kFPerThread; ++i) {
-    const int f = (tid & 3) + 4 * i;
-    const uint32_t u = sm.fij[f];
-    sm.phi[r][f] = a[r][u & 255u] * a[r][u >> 8] * sm.fw[f];
+// Feature f = a_i a_j w of an extended row a (a_16 the constant), for the z / dz sums.
+struct FeatureTerm {
+  int i, j;
+  float w;
+};
+__device__ __forceinline__ FeatureTerm feature_term(int f) {
+  if (f == 0) return {kFeatDim, kFeatDim, 1.f};
+  if (f < kSquareFeature0) return {f - kLinearFeature0, kFeatDim, 1.f};
+  if (f < kPairFeature0) return {f - kSquareFeature0, f - kSquareFeature0, 0.70710678118654752f};
+  if (f < kCompactFeatures) {
+    const FeaturePair pr = feature_pair(f);
+    return {pr.i, pr.j, 1.f};
   }
+  return {kFeatDim, kFeatDim, 0.f};  // padding
 }
 
-// ds[r][j] = (j <= r)(dnum_r . v_j + dden_r)(1 + s_rj) (dnum in sm.g). Thread: row tid / 4, keys tid % 4 + 4i.
-__device__ __forceinline__ void build_ds(BwdSmem& sm, int tid) {
-  const int r = tid >> 2;
-  for (int i = 0; i < BCfg::kChunk / 4; ++i) {
-    const int j = (tid & 3) + 4 * i;
-    float acc = sm.dden[r];
-#pragma unroll 16
-    for (int e = 0; e < kValueDim; ++e) acc = fmaf(sm.g[r][e], sm.v[j][e], acc);
-    sm.ds[r][j] = causal(j, r) ? acc * (1.f + sm.s[r][j]) : 0.f;
+// sum over the tokens of one half (32 tokens) of phi_f(a_tok) * weight(tok), a_tok = sqrt(c) x (the tile's row)
+// extended by `one(tok)`; the two halves' threads (lanes 2f', 2f' + 1) add theirs, in that order.
+template <typename T, class One, class Weight>
+__device__ __forceinline__ float feature_sum(const T (&x)[BCfg::kChunk][BCfg::kQKP], const FeatureTerm& ft,
+                                             float sqrt_c, int half, One&& one, Weight&& weight) {
+  float acc = 0.f;
+  if (ft.w != 0.f) {
+    for (int r = 32 * half; r < 32 * half + 32; ++r) {
+      const float ai = ft.i < kFeatDim ? sqrt_c * ld(&x[r][ft.i]) : one(r);
+      const float aj = ft.j < kFeatDim ? sqrt_c * ld(&x[r][ft.j]) : one(r);
+      acc = fmaf(ai * aj * ft.w, weight(r), acc);
+    }
   }
-}
-
-// gphi[r][f] = x_r . st[f] + w_r zt[f] (w nullptr: 1): the gradient w.r.t. phi of a row whose partner is the
-// state (forward sweep: x = dnum, w = dden against S, z; backward sweep: x = v, w = 1 against dS, dz).
-// Thread: row tid / 4, features tid % 4 + 4i.
-__device__ __forceinline__ void build_gphi(BwdSmem& sm, const float (&x)[BCfg::kChunk][BCfg::kP], const float* w,
-                                           int tid) {
-  const int r = tid >> 2, f0 = tid & 3;
-  float acc[BCfg::kFPerThread];
-  const float wr = w ? w[r] : 1.f;
-#pragma unroll
-  for (int i = 0; i < BCfg::kFPerThread; ++i) acc[i] = wr * sm.zt[f0 + 4 * i];
-  for (int e = 0; e < kValueDim; ++e) {
-    const float xe = x[r][e];
-#pragma unroll
-    for (int i = 0; i < BCfg::kFPerThread; ++i) acc[i] = fmaf(xe, sm.st[f0 + 4 * i][e], acc[i]);
-  }
-#pragma unroll
-  for (int i = 0; i < BCfg::kFPerThread; ++i) sm.gphi[r][f0 + 4 * i] = acc[i];
-}
-
-// The gradient w.r.t. a_m of phi(a) . gp (gp: one gphi row): sum over the features that contain a_m.
-__device__ __forceinline__ float phi_vjp(const float* gp, const float* a, int m) {
-  const float sq = AK_MUTANT(bwd_square_vjp) ? 0.70710678118654752f : 1.41421356237309515f;  // d(a^2/sqrt2)/da
-  float acc = gp[kLinearFeature0 + m] * a[kFeatDim] + gp[kSquareFeature0 + m] * (sq * a[m]);
-#pragma unroll
-  for (int j = 0; j < kFeatDim; ++j)
-    if (j != m) acc = fmaf(gp[quad_feature(min(m, j), max(m, j))], a[j], acc);
-  return acc;
-}
-
-// The 16-wide gradient of the chunk's rows (dq: x = a_q, other = a_k, by_row = true, ds[r][.] over keys;
-// dk: x = a_k, other = a_q, ds[.][j] over queries): sqrt(c) (sum ds * other + phi_vjp(gphi row, x row)),
-// written to rows t0.. of dst (real rows only). Thread: row tid / 4, components tid % 4 + 4i.
-template <bool kByRow, typename T>
-__device__ __forceinline__ void store_grad16(const BwdSmem& sm, const float (&x)[BCfg::kChunk][BCfg::kA],
-                                             const float (&other)[BCfg::kChunk][BCfg::kA], T* dst, int64_t sn,
-                                             int64_t t0, int n_valid, float sqrt_c, int tid) {
-  const int r = tid >> 2;
-#pragma unroll
-  for (int i = 0; i < kFeatDim / 4; ++i) {
-    const int d = (tid & 3) + 4 * i;
-    float acc = phi_vjp(sm.gphi[r], x[r], d);
-#pragma unroll 16
-    for (int j = 0; j < BCfg::kChunk; ++j) acc = fmaf(kByRow ? sm.ds[r][j] : sm.ds[j][r], other[j][d], acc);
-    if (r < n_valid) st_out(dst + (t0 + r) * sn + d, sqrt_c * acc);
-  }
-}
-
-// st[f][e] += sum_j phi[j][f] y[j][e], zt[f] += sum_j phi[j][f] w_j (w nullptr: 1), over the chunk's rows
-// in order. Thread: value column tid % 64, features tid / 64 + 4i; z: feature tid.
-__device__ __forceinline__ void update_state(BwdSmem& sm, const float (&y)[BCfg::kChunk][BCfg::kP], const float* w,
-                                             int tid) {
-  const int e = tid & 63, f0 = tid >> 6;
-  float acc[BCfg::kFPerThread];
-#pragma unroll
-  for (int i = 0; i < BCfg::kFPerThread; ++i) acc[i] = sm.st[f0 + 4 * i][e];
-  for (int j = 0; j < BCfg::kChunk; ++j) {
-    const float yj = y[j][e];
-#pragma unroll
-    for (int i = 0; i < BCfg::kFPerThread; ++i) acc[i] = fmaf(sm.phi[j][f0 + 4 * i], yj, acc[i]);
-  }
-#pragma unroll
-  for (int i = 0; i < BCfg::kFPerThread; ++i) sm.st[f0 + 4 * i][e] = acc[i];
-  if (tid < BCfg::kF) {
-    float z = sm.zt[tid];
-    for (int j = 0; j < BCfg::kChunk; ++j) z = fmaf(sm.phi[j][tid], w ? w[j] : 1.f, z);
-    sm.zt[tid] = z;
-  }
-}
-
-// st, zt from a (B, H, 153, 64) / (B, H, 153) float32 pair at head bh (nullptr: zeros); padding features zero.
-__device__ __forceinline__ void load_state(BwdSmem& sm, const float* S, const float* z, int64_t bh, int tid) {
-  for (int idx = tid; idx < BCfg::kF * kValueDim; idx += BCfg::kThreads) {
-    const int f = idx >> 6, e = idx & 63;
-    sm.st[f][e] = (S && f < kCompactFeatures) ? S[(bh * kCompactFeatures + f) * kValueDim + e] : 0.f;
-  }
-  if (tid < BCfg::kF) sm.zt[tid] = (z && tid < kCompactFeatures) ? z[bh * kCompactFeatures + tid] : 0.f;
+  return acc + __shfl_xor_sync(0xffffffffu, acc, 1);
 }
 
 }  // namespace

@@ -1,0 +1,326 @@
+// based_prefill_backward, part of based_prefill_backward.cu (included there only): the backward sweep. One CTA
+// per (b, h) walks the chunks last to first from (grad_S, grad_z); dS, dz are the gradients that the later
+// chunks' queries send back through the state. Per chunk (the causal blocks transposed: key rows):
+//   phase 0: dnum = grad_o * inv (inv, dden from the forward sweep's workspace) into a tile; phi(Q), and for
+//     dv phi(K), into their tiles.
+//   phase 1: warp w's block (key block kt, query block m): s^T = c K_kt Q_m^T, P^T = V_kt dnum_m^T, so
+//     A^T = causal(1 + s + s^2/2) (kept in a tile for dv) and ds^T = causal (P^T + dden)(1 + s^T), its part
+//     ds^T Q of dk; gk^T = dS V^T of the warp's 16 features (dS before this chunk's update) into a float tile;
+//     dz_next = dz + phi(Q)^T dden; dS += phi(Q)^T dnum; warps 0-7, dv = phi(K) dS (keys 16(w/2).., values
+//     32(w%2)..) against the copy of dS before the update (the stash: bf16, fp16 inputs hi + lo).
+//   phase 2: warps 0-7 add A^T dnum of their key block's rows and store dv; per key (4 threads each)
+//     dk = c (the column's block parts) + sqrt(c) phi'(a)^T (gk + dz); the updated dS into the stash.
+// After the first chunk, dS, dz are dS0, dz0.
+#pragma once
+#include "tiles.cuh"
+#include "token_pass.cuh"
+
+namespace attn_kernels {
+namespace {
+
+template <typename T>
+struct BsSmem {
+  static constexpr int kParts = std::is_same_v<T, __half> ? 2 : 1;  // bf16 hi [, lo] of the state products
+  T phiq[BCfg::kPhiElems];                  // phi(Q), phi_off layout
+  bf16 phik[kParts][BCfg::kPhiElems];       // phi(K) (hi, lo: lo right after hi, as feature_map.cuh writes it)
+  bf16 stash[kParts][BCfg::kF][BCfg::kVP];  // dS of the later chunks (feature rows)
+  T q[BCfg::kChunk][BCfg::kQKP];
+  T k[2][BCfg::kChunk][BCfg::kQKP];  // chunk c in k[c & 1]: phase 2 reads it while the next chunk's loads
+  T v[BCfg::kChunk][BCfg::kVP], go[BCfg::kChunk][BCfg::kVP], dnum[BCfg::kChunk][BCfg::kVP];
+  T at[BCfg::kWarps][16][BCfg::kQKP];  // A^T of each causal block (key rows, query columns)
+  float gp[BCfg::kChunk][BCfg::kGP];  // gk = V dS^T (key rows)
+  float dkp[BCfg::kWarps][16][16];    // ds^T Q of each causal block
+  float dz[2][BCfg::kF];              // dz of the later chunks, and with this chunk's queries
+  float dden[BCfg::kChunk];
+};
+
+// phi(Q) feature groups G0..G0+3 of row r, and with_k, phi(K)'s (fp16 inputs: bf16 hi + lo from float).
+// Padding keys keep the constant feature: their dv rows are never stored.
+template <typename T, int G0>
+__device__ __forceinline__ void phi_groups(const T* q_row, const T* k_row, uint32_t phiq, uint32_t phik, int r,
+                                           float sqrt_c, bool packed_ok, bool with_k) {
+  build_phi_row<T, G0, 4>(q_row, PhiRowDst(phiq, r), sqrt_c, 1.f, packed_ok);
+  if (with_k) {
+    if constexpr (std::is_same_v<T, __half>) {
+      float x[16];
+      load_scaled_row(k_row, sqrt_c, x);
+      store_groups_split(PhiRowDst(phik, r), x, std::integer_sequence<int, G0, G0 + 1, G0 + 2, G0 + 3>{});
+    } else {
+      build_phi_row<T, G0, 4>(k_row, PhiRowDst(phik, r), sqrt_c, 1.f, packed_ok);
+    }
+  }
+}
+
+template <int kParts>
+__device__ __forceinline__ void write_stash(bf16 (&stash)[kParts][BCfg::kF][BCfg::kVP], const StateFrag& s,
+                                            int warp, const Lane& L) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int f = 16 * warp + L.g + 8 * hf, v = 8 * n + 2 * L.t;
+      uint32_t hi, lo;
+      if constexpr (kParts == 2) {
+        split_bf16x2(s[n][2 * hf], s[n][2 * hf + 1], hi, lo);
+        *reinterpret_cast<uint32_t*>(&stash[1][f][v]) = lo;
+      } else {
+        hi = pack2<bf16>(s[n][2 * hf], s[n][2 * hf + 1]);
+      }
+      *reinterpret_cast<uint32_t*>(&stash[0][f][v]) = hi;
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(BCfg::kThreads, 1)
+    based_prefill_backward_backward_sweep(const BasedPrefillBackwardParams p) {
+  constexpr bool kSplit = std::is_same_v<T, __half>;
+  constexpr int kParts = BsSmem<T>::kParts;
+  extern __shared__ float4 bs_smem_raw[];
+  BsSmem<T>& sm = *reinterpret_cast<BsSmem<T>*>(bs_smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const Lane L(tid & 31);
+  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* gog = p.grad_o ? static_cast<const T*>(p.grad_o) + b * p.go_sb + h * p.go_sh : nullptr;
+  T* dkg = p.dk ? static_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh : nullptr;
+  T* dvg = p.dv ? static_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh : nullptr;
+  const int64_t tokens = int64_t(p.B) * p.H * p.N;
+  const float* ws_inv = p.normalize ? p.workspace + int64_t(bh) * p.N : nullptr;
+  const float* ws_dden = ws_inv ? ws_inv + tokens : nullptr;
+  const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
+  const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;
+  const bool need_dk = dkg != nullptr, need_dv = dvg != nullptr;
+
+  StateFrag ds;
+  const float* gS = AK_MUTANT(bwd_grad_state_ignored) ? nullptr : p.grad_S;
+  load_state(ds, gS ? gS + int64_t(bh) * kCompactFeatures * kValueDim : nullptr, warp, L);
+  if (tid < BCfg::kF)
+    sm.dz[0][tid] = (p.grad_z && tid < kCompactFeatures) ? p.grad_z[int64_t(bh) * kCompactFeatures + tid] : 0.f;
+  write_stash(sm.stash, ds, warp, L);
+  const FeatureTerm zterm = feature_term(tid >> 1);
+
+  int m, kt;  // this warp's causal block
+  intra_block(warp, m, kt);
+  const int kb = warp >> 1, vh = warp & 1;  // warps 0-7: the dv tile (keys 16kb.., values 32vh..)
+  const RowTile<BCfg::kQKP> tq{saddr(sm.q)};
+  const RowTile<BCfg::kVP> tv{saddr(sm.v)}, tdn{saddr(sm.dnum)};
+  const RowTile<BCfg::kVP> tst[2] = {{saddr(sm.stash[0])}, {saddr(sm.stash[kParts - 1])}};
+  const PhiTile tphiq{saddr(sm.phiq)}, tphik[2] = {{saddr(sm.phik[0])}, {saddr(sm.phik[kParts - 1])}};
+
+  auto loads = [&](int c, bool go, bool qkv) {
+    const int64_t t0 = int64_t(c) * BCfg::kChunk;
+    const int n_valid = int(min(int64_t(BCfg::kChunk), int64_t(p.N) - t0));
+    if (go) load_rows<64>(sm.go, gog, p.go_sn, t0, n_valid, qg, tid);
+    if (qkv) {
+      load_rows<16>(sm.q, qg, p.q_sn, t0, n_valid, qg, tid);
+      load_rows<16>(sm.k[c & 1], kg, p.k_sn, t0, n_valid, qg, tid);
+      load_rows<64>(sm.v, vg, p.v_sn, t0, n_valid, qg, tid);
+    }
+    cp_async_commit();
+  };
+
+  const int nchunks = bwd_chunks(p.N);
+  if (nchunks > 0) loads(nchunks - 1, true, true);
+  int zb = 0;
+  for (int c = nchunks - 1; c >= 0; --c) {
+    const int64_t t0 = int64_t(c) * BCfg::kChunk;
+    const int n_valid = int(min(int64_t(BCfg::kChunk), int64_t(p.N) - t0));
+    const auto& kc = sm.k[c & 1];
+    const RowTile<BCfg::kQKP> tk{saddr(kc)};
+    cp_async_wait<0>();
+    __syncthreads();  // the chunk's tiles; the stash; the previous chunk's readers are done
+
+    // ---- phase 0: dden, dnum, phi(Q), phi(K) ----
+    if (tid < BCfg::kChunk) sm.dden[tid] = (ws_dden && tid < n_valid) ? ws_dden[t0 + tid] : 0.f;
+    for (int u = tid; u < BCfg::kChunk * 8; u += BCfg::kThreads) {
+      const int r = u >> 3, col = 8 * (u & 7);
+      const float inv = ws_inv ? (r < n_valid ? ws_inv[t0 + r] : 0.f) : 1.f;
+      const uint4 x = *reinterpret_cast<const uint4*>(&sm.go[r][col]);
+      const uint32_t xi[4] = {x.x, x.y, x.z, x.w};
+      uint32_t y[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = unpack2<T>(xi[j]);
+        y[j] = pack2<T>(f.x * inv, f.y * inv);
+      }
+      *reinterpret_cast<uint4*>(&sm.dnum[r][col]) = make_uint4(y[0], y[1], y[2], y[3]);
+    }
+    {
+      const int r = tid & 63;
+      const uint32_t pq = tphiq.base, pk = tphik[0].base;
+      switch (tid >> 6) {
+        case 0: phi_groups<T, 0>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
+        case 1: phi_groups<T, 4>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
+        case 2: phi_groups<T, 8>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
+        case 3: phi_groups<T, 12>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
+        default: phi_groups<T, 16>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
+      }
+    }
+    __syncthreads();
+    if (c > 0) loads(c - 1, true, false);  // grad_o's tile was read in phase 0 only
+
+    // ---- phase 1 ----
+    if (need_dk || need_dv) {  // block (m, kt) transposed: key rows 16kt + g (+8), query columns 16m + 8i + 2t
+      float st[2][4] = {}, pt[2][4] = {};
+      uint32_t a[4], bb[4];
+      a_frag(a, tk, 16 * kt, 0, L);
+      b_frag2(bb, tq, 16 * m, 0, L);
+      mma_16816<T>(st[0], a, bb[0], bb[1]);
+      mma_16816<T>(st[1], a, bb[2], bb[3]);
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        a_frag(a, tv, 16 * kt, 16 * ks, L);
+        b_frag2(bb, tdn, 16 * m, 16 * ks, L);
+        mma_16816<T>(pt[0], a, bb[0], bb[1]);
+        mma_16816<T>(pt[1], a, bb[2], bb[3]);
+      }
+      float dst[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = 16 * kt + L.g + 8 * (e >> 1), r = 16 * m + 8 * i + 2 * L.t + (e & 1);
+          const float sv = c1 * st[i][e];
+          const bool ok = causal(j, r);
+          st[i][e] = ok ? taylor(sv) : 0.f;  // A^T
+          dst[i][e] = ok ? (pt[i][e] + sm.dden[r]) * (1.f + sv) : 0.f;
+        }
+      if (need_dv) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            *reinterpret_cast<uint32_t*>(&sm.at[warp][L.g + 8 * hf][8 * i + 2 * L.t]) =
+                pack2<T>(st[i][2 * hf], st[i][2 * hf + 1]);
+      }
+      if (need_dk) {
+        c_to_a<T>(dst[0], dst[1], a);
+        b_frag2_t(bb, tq, 16 * m, 0, L);
+        float d[2][4] = {};
+        mma_16816<T>(d[0], a, bb[0], bb[1]);
+        mma_16816<T>(d[1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            *reinterpret_cast<float2*>(&sm.dkp[warp][L.g + 8 * hf][8 * i + 2 * L.t]) =
+                make_float2(d[i][2 * hf], d[i][2 * hf + 1]);
+      }
+    }
+    if (need_dk) {  // gk^T = dS V^T for this warp's features (m16 tiles: features x keys)
+      uint32_t ah[4][4], al[4][4];
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) state_a<kSplit>(ds, ks, ah[ks], al[ks]);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        float acc[2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          uint32_t bb[4];
+          b_frag2(bb, tv, 16 * np, 16 * ks, L);
+          mma_state<T>(acc[0], ah[ks], al[ks], bb[0], bb[1]);
+          mma_state<T>(acc[1], ah[ks], al[ks], bb[2], bb[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            sm.gp[16 * np + 8 * i + 2 * L.t + (e & 1)][16 * warp + L.g + 8 * (e >> 1)] = acc[i][e];
+      }
+    }
+    if (!AK_MUTANT(bwd_dstate_frozen)) {  // dz += phi(Q)^T dden; dS += phi(Q)^T dnum (this warp's features)
+      const float zs = feature_sum(sm.q, zterm, sqrt_c, tid & 1, [](int) { return 1.f; },
+                                   [&](int r) { return sm.dden[r]; });
+      if ((tid & 1) == 0) sm.dz[zb ^ 1][tid >> 1] = sm.dz[zb][tid >> 1] + zs;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];
+        a_frag_t(a, tphiq, 16 * ks, 16 * warp, L);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t bb[4];
+          b_frag2_t(bb, tdn, 16 * ks, 16 * np, L);
+          mma_16816<T>(ds[2 * np], a, bb[0], bb[1]);
+          mma_16816<T>(ds[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+    } else if ((tid & 1) == 0) {
+      sm.dz[zb ^ 1][tid >> 1] = sm.dz[zb][tid >> 1];
+    }
+    float dv[4][4] = {};  // warps 0-7: keys 16kb + g (+8), values 32vh + 8i + 2t
+    if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order
+#pragma unroll 1
+      for (int ks = 0; ks < BCfg::kF / 16; ++ks) {
+        uint32_t ah[4], al[4];
+        a_frag(ah, tphik[0], 16 * kb, 16 * ks, L);
+        if constexpr (kSplit) a_frag(al, tphik[1], 16 * kb, 16 * ks, L);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t bh_[4], bl_[4];
+          b_frag2_t(bh_, tst[0], 16 * ks, 32 * vh + 16 * np, L);
+          mma_16816<bf16>(dv[2 * np], ah, bh_[0], bh_[1]);
+          mma_16816<bf16>(dv[2 * np + 1], ah, bh_[2], bh_[3]);
+          if constexpr (kSplit) {
+            b_frag2_t(bl_, tst[1], 16 * ks, 32 * vh + 16 * np, L);
+            mma_16816<bf16>(dv[2 * np], ah, bl_[0], bl_[1]);
+            mma_16816<bf16>(dv[2 * np + 1], ah, bl_[2], bl_[3]);
+            mma_16816<bf16>(dv[2 * np], al, bh_[0], bh_[1]);
+            mma_16816<bf16>(dv[2 * np + 1], al, bh_[2], bh_[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // A^T, ds^T Q, gk, dz_next; every read of the stash, q, v is done
+    if (c > 0) loads(c - 1, false, true);
+
+    // ---- phase 2 ----
+    if (need_dv && warp < 8) {  // + A^T dnum over the query blocks m >= kb, in order; store dv
+      for (int m2 = kb; m2 < 4; ++m2) {
+        uint32_t a[4];
+        a_frag(a, RowTile<BCfg::kQKP>{saddr(sm.at[block_index(m2, kb)])}, 0, 0, L);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t bb[4];
+          b_frag2_t(bb, tdn, 16 * m2, 32 * vh + 16 * np, L);
+          mma_16816<T>(dv[2 * np], a, bb[0], bb[1]);
+          mma_16816<T>(dv[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int key = 16 * kb + L.g + 8 * hf;
+        if (key < n_valid) {
+          T* row = dvg + (t0 + key) * p.dv_sn + 32 * vh + 2 * L.t;
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            *reinterpret_cast<uint32_t*>(row + 8 * i) = pack2<T>(dv[i][2 * hf], dv[i][2 * hf + 1]);
+        }
+      }
+    }
+    if (need_dk && tid < BCfg::kTokenThreads) {  // dk = c (column's block parts, m in order) + feature part
+      const int r = tid >> 2, part = tid & 3, kr = r >> 4;
+      float4 intra = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int m2 = kr; m2 < 4; ++m2) {
+        const float4 x = *reinterpret_cast<const float4*>(&sm.dkp[block_index(m2, kr)][r & 15][4 * part]);
+        intra = make_float4(intra.x + x.x, intra.y + x.y, intra.z + x.z, intra.w + x.w);
+      }
+      const float* gr = sm.gp[r];
+      const float* zr = sm.dz[zb];
+      float xk[16], jac[4];
+      load_scaled_row(kc[r], sqrt_c, xk);
+      with_part(part, [&](auto P) {
+        phi_vjp4<decltype(P)::value>(xk, [&](int f) { return gr[f] + zr[f]; }, jac);
+      });
+      if (r < n_valid) store_grad4(dkg + (t0 + r) * p.dk_sn + 4 * part, c1, intra, sqrt_c, jac);
+    }
+    write_stash(sm.stash, ds, warp, L);  // its readers (dv above) finished before the barrier
+    zb ^= 1;
+  }
+  if (p.dS0) store_state(ds, p.dS0 + int64_t(bh) * kCompactFeatures * kValueDim, warp, L);
+  if (p.dz0 && tid < kCompactFeatures) p.dz0[int64_t(bh) * kCompactFeatures + tid] = sm.dz[zb][tid];
+}
+
+}  // namespace
+}  // namespace attn_kernels
