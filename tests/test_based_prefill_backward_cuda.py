@@ -4,10 +4,11 @@
 Tolerance (tests/README.md's rule, row by row): |kernel - ref64| <= 2 |lowp - ref64| + eps(dtype) |ref64|, with
 ref64 = based_vjp in float64 from the same low-precision inputs and the comparator lowp = based_vjp run in the
 input dtype (every input, state and gradient rounded to it; PyTorch's fp16/bf16 matmuls accumulate in float32):
-what a PyTorch training step in that precision computes. The kernel widens its inputs to float32 and computes
-every product and running state (S, z, dS, dz) in float32, rounding only the outputs (dq, dk, dv to the input
-dtype: at most one rounding step, the floor), so a correct kernel sits far below the bound; a wrong carry, mask,
-term or index is off by O(1) of the gradient."""
+what a PyTorch training step in that precision computes. The kernel keeps every running state (S, z, dS, dz) in
+float32 and runs its products on tensor cores with float32 accumulation, chunk operands in the input dtype and a
+state operand rounded to bf16 (fp16 inputs: bf16 hi + lo): the operand roundings of the comparator's class, which
+also rounds s, A, ds and every intermediate to the input dtype, so a correct kernel sits below the bound; a wrong
+carry, mask, term or index is off by O(1) of the gradient."""
 import pytest
 import torch
 
