@@ -8,8 +8,8 @@
 //     ds^T Q of dk; gk^T = dS V^T of the warp's 16 features (dS before this chunk's update) into a float tile;
 //     dz_next = dz + phi(Q)^T dden; dS += phi(Q)^T dnum; warps 0-7, dv = phi(K) dS (keys 16(w/2).., values
 //     32(w%2)..) against the copy of dS before the update (the stash: bf16, fp16 inputs hi + lo).
-//   phase 2: warps 0-7 add A^T dnum of their key block's rows and store dv; per key (4 threads each)
-//     dk = c (the column's block parts) + sqrt(c) phi'(a)^T (gk + dz); the updated dS into the stash.
+//   phase 2: warps 0-7 add A^T dnum of their key block's rows and store dv; per key (4 threads each, tiles.cuh's
+//     token_part) dk = c (the column's block parts) + sqrt(c) phi'(a)^T (gk + dz); the updated dS into the stash.
 // After the first chunk, dS, dz are dS0, dz0.
 #pragma once
 #include "tiles.cuh"
@@ -28,8 +28,8 @@ struct BsSmem {
   T k[2][BCfg::kChunk][BCfg::kQKP];  // chunk c in k[c & 1]: phase 2 reads it while the next chunk's loads
   T v[BCfg::kChunk][BCfg::kVP], go[BCfg::kChunk][BCfg::kVP], dnum[BCfg::kChunk][BCfg::kVP];
   T at[BCfg::kWarps][16][BCfg::kQKP];  // A^T of each causal block (key rows, query columns)
-  float gp[BCfg::kChunk][BCfg::kGP];  // gk = V dS^T (key rows)
-  float dkp[BCfg::kWarps][16][16];    // ds^T Q of each causal block
+  float gpt[BCfg::kF][BCfg::kTP];          // gk^T = dS V^T (feature rows)
+  float dkp[BCfg::kWarps][16][BCfg::kRP];  // ds^T Q of each causal block
   float dz[2][BCfg::kF];              // dz of the later chunks, and with this chunk's queries
   float dden[BCfg::kChunk];
 };
@@ -226,8 +226,9 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            sm.gp[16 * np + 8 * i + 2 * L.t + (e & 1)][16 * warp + L.g + 8 * (e >> 1)] = acc[i][e];
+          for (int hf = 0; hf < 2; ++hf)
+            *reinterpret_cast<float2*>(&sm.gpt[16 * warp + L.g + 8 * hf][16 * np + 8 * i + 2 * L.t]) =
+                make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
       }
     }
     if (!AK_MUTANT(bwd_dstate_frozen)) {  // dz += phi(Q)^T dden; dS += phi(Q)^T dnum (this warp's features)
@@ -300,18 +301,17 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       }
     }
     if (need_dk && tid < BCfg::kTokenThreads) {  // dk = c (column's block parts, m in order) + feature part
-      const int r = tid >> 2, part = tid & 3, kr = r >> 4;
+      const int part = token_part(warp), r = token_row(warp, tid & 31), kr = r >> 4;
       float4 intra = make_float4(0.f, 0.f, 0.f, 0.f);
       for (int m2 = kr; m2 < 4; ++m2) {
         const float4 x = *reinterpret_cast<const float4*>(&sm.dkp[block_index(m2, kr)][r & 15][4 * part]);
         intra = make_float4(intra.x + x.x, intra.y + x.y, intra.z + x.z, intra.w + x.w);
       }
-      const float* gr = sm.gp[r];
       const float* zr = sm.dz[zb];
       float xk[16], jac[4];
       load_scaled_row(kc[r], sqrt_c, xk);
       with_part(part, [&](auto P) {
-        phi_vjp4<decltype(P)::value>(xk, [&](int f) { return gr[f] + zr[f]; }, jac);
+        phi_vjp4<decltype(P)::value>(xk, [&](int f) { return sm.gpt[f][r] + zr[f]; }, jac);
       });
       if (r < n_valid) store_grad4(dkg + (t0 + r) * p.dk_sn + 4 * part, c1, intra, sqrt_c, jac);
     }

@@ -3,7 +3,7 @@
 //   phase 1: phi(K) into its tile; warp w's causal block (m, kt): s = c Q_m K_kt^T and P' = G_m V_kt^T
 //     (G = grad_o), kept in registers, with the rows' partial sums of A and of A * P'; g' = G S^T of the
 //     warp's 16 features (state before the chunk) into a float tile; z_next = z + phi(K)^T 1.
-//   phase 2: per token (4 threads each): den = sum A + phi(q).z, dot = sum A * P' + phi(q).g', so
+//   phase 2: per token (4 threads each, tiles.cuh's token_part): den = sum A + phi(q).z, dot = sum A * P' + phi(q).g', so
 //     inv = 1 / (den + eps) and dden = -inv^2 dot (dnum . num = inv dot: num is never formed); dq's feature part
 //     sqrt(c) phi'(a)^T (inv g' + dden z). Every warp: S += phi(K)^T V.
 //   phase 3: ds = causal (inv P' + dden)(1 + s) of warp w's block, its dq part ds K.
@@ -22,9 +22,10 @@ struct FsSmem {
   T phik[BCfg::kPhiElems];  // phi(K), phi_off layout
   T q[BCfg::kChunk][BCfg::kQKP], k[BCfg::kChunk][BCfg::kQKP];
   T v[BCfg::kChunk][BCfg::kVP], go[BCfg::kChunk][BCfg::kVP];
-  float gp[BCfg::kChunk][BCfg::kGP];  // g' = G S^T (token rows)
-  float dqp[BCfg::kWarps][16][16];    // ds K of each causal block (query rows, components)
-  float dqi[BCfg::kChunk][16];        // dq's feature part, times sqrt(c)
+  float gpt[BCfg::kF][BCfg::kTP];      // g'^T = S G^T (feature rows)
+  float dqp[BCfg::kWarps][16][BCfg::kRP];  // ds K of each causal block (query rows, components)
+  float dqi[BCfg::kChunk][BCfg::kRP];      // dq's feature part, times sqrt(c)
+  float2 dd[4][BCfg::kChunk];               // per quarter of the features: phi(q).z, phi(q).g'
   float z[2][BCfg::kF];               // z before the chunk, and after it
   float rsp[BCfg::kChunk][4], dpp[BCfg::kChunk][4];  // per query and key block: sum A, sum A * P'
   float inv[BCfg::kChunk], dden[BCfg::kChunk];
@@ -151,8 +152,9 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            sm.gp[16 * np + 8 * i + 2 * L.t + (e & 1)][16 * warp + L.g + 8 * (e >> 1)] = acc[i][e];
+          for (int hf = 0; hf < 2; ++hf)
+            *reinterpret_cast<float2*>(&sm.gpt[16 * warp + L.g + 8 * hf][16 * np + 8 * i + 2 * L.t]) =
+                make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
       }
     }
     if (!AK_MUTANT(bwd_forward_state_frozen)) {  // z after the chunk (padding keys: no constant feature)
@@ -166,17 +168,24 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
 
     // ---- phase 2 ----
     if (tid < BCfg::kTokenThreads) {
-      const int r = tid >> 2, part = tid & 3;
+      const int part = token_part(warp), r = token_row(warp, tid & 31);
       float x[16];
       load_scaled_row(sm.q[r], sqrt_c, x);
-      const float* gr = sm.gp[r];
       const float* zr = sm.z[zb];
+      auto gr = [&](int f) { return sm.gpt[f][r]; };
       float inv = 1.f, dden = 0.f;
       if (norm) {
         float den = 0.f, dot = 0.f;
-        with_part(part, [&](auto P) { phi_dots<decltype(P)::value>(x, gr, zr, den, dot); });
-        den = quad_sum(den);
-        dot = quad_sum(dot);
+        with_part(part, [&](auto P) {
+          phi_dots<decltype(P)::value>(x, gr, [&](int f) { return zr[f]; }, den, dot);
+        });
+        sm.dd[part][r] = make_float2(den, dot);
+        token_barrier();
+        den = dot = 0.f;
+        for (int j = 0; j < 4; ++j) {  // the quarters, then the causal blocks, in order
+          den += sm.dd[j][r].x;
+          dot += sm.dd[j][r].y;
+        }
         for (int j = 0; j <= (r >> 4); ++j) {
           den += sm.rsp[r][j];
           dot += sm.dpp[r][j];
@@ -195,7 +204,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       if (need_dq) {
         float jac[4];
         with_part(part, [&](auto P) {
-          phi_vjp4<decltype(P)::value>(x, [&](int f) { return fmaf(inv, gr[f], dden * zr[f]); }, jac);
+          phi_vjp4<decltype(P)::value>(x, [&](int f) { return fmaf(inv, gr(f), dden * zr[f]); }, jac);
         });
         *reinterpret_cast<float4*>(&sm.dqi[r][4 * part]) =
             make_float4(sqrt_c * jac[0], sqrt_c * jac[1], sqrt_c * jac[2], sqrt_c * jac[3]);
@@ -250,7 +259,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
 
     // ---- phase 4: dq = c (the row's block parts, key blocks in order) + the feature part ----
     if (tid < BCfg::kTokenThreads) {
-      const int r = tid >> 2, part = tid & 3, mr = r >> 4;
+      const int part = token_part(warp), r = token_row(warp, tid & 31), mr = r >> 4;
       float4 intra = make_float4(0.f, 0.f, 0.f, 0.f);
       for (int j = 0; j <= mr; ++j) {
         const float4 x = *reinterpret_cast<const float4*>(&sm.dqp[block_index(mr, j)][r & 15][4 * part]);

@@ -28,11 +28,12 @@ struct BCfg {
   static constexpr int kChunk = 64;  // tokens per chunk
   static constexpr int kWarps = 10;  // warp w owns state features 16w..16w+15 and causal block w of the chunk
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kTokenThreads = 4 * kChunk;  // the per-token passes: 4 threads per token (warps 0-7)
+  static constexpr int kTokenThreads = 4 * kChunk;  // the per-token passes: warps 0-7, 4 per token (below)
   static constexpr int kF = 160;                     // 153 compact features padded to 10 blocks of 16
   static constexpr int kQKP = 24;                    // pitches (elements) of 16-wide and 64-wide 16-bit rows
   static constexpr int kVP = 72;
-  static constexpr int kGP = 164;  // float rows of 160 features (16-byte aligned, conflict-free fragment stores)
+  static constexpr int kTP = 68;  // float feature rows of 64 tokens: conflict-free fragment stores and reads
+  static constexpr int kRP = 20;  // float rows of 16 (float4 reads of consecutive rows: conflict-free)
   static constexpr int kPhiElems = kChunk * kF;
 };
 static_assert(BCfg::kWarps * 16 == BCfg::kF, "one feature block per warp");
@@ -66,6 +67,13 @@ template <int N, class Fn>
 __device__ __forceinline__ void static_for(Fn&& fn) {  // fn(integral_constant<int, 0..N-1>)
   static_for_impl(std::make_integer_sequence<int, N>{}, fn);
 }
+
+// The per-token passes (warps 0-7): warp w takes quarter w / 2 of the work of tokens 32(w % 2)..+31, one per
+// lane, so that a warp runs one compile-time quarter (no divergence) over consecutive tokens.
+__device__ __forceinline__ int token_part(int warp) { return warp >> 1; }
+__device__ __forceinline__ int token_row(int warp, int lane) { return 32 * (warp & 1) + lane; }
+// Barrier of warps 0-7 only (the per-token threads); barrier 0 is __syncthreads.
+__device__ __forceinline__ void token_barrier() { asm volatile("bar.sync 1, %0;" ::"n"(BCfg::kTokenThreads) : "memory"); }
 
 // ---- fragments (common/mma.h's layouts; lane = 4g + t; ldmatrix: lane 8lj + lr gives row lr of matrix lj) --
 

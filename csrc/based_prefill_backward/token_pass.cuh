@@ -1,13 +1,14 @@
 // based_prefill_backward, part of based_prefill_backward.cu (included there only): the per-token work on the
 // CUDA cores that the feature map's Jacobian needs (it differs per token, so it is no matrix product). Four
-// threads per token (threads 4r..4r+3 of warps 0-7: token r); each feature's formula resolved at compile time.
+// threads per token, each a compile-time quarter of the features or of the 16 components (tiles.cuh's
+// token_part / token_row); a gradient w.r.t. phi is read from a feature-major float tile (gt[f][token]).
 #pragma once
 #include "tiles.cuh"
 
 namespace attn_kernels {
 namespace {
 
-// fn(integral_constant<int, part>) for the runtime part 0..3 (the thread's quarter of a token's work).
+// fn(integral_constant<int, part>) for the (warp-uniform) part 0..3.
 template <class Fn>
 __device__ __forceinline__ void with_part(int part, Fn&& fn) {
   switch (part) {
@@ -18,25 +19,15 @@ __device__ __forceinline__ void with_part(int part, Fn&& fn) {
   }
 }
 
-// Quarter P of phi(a).z and phi(a).g (features 40P..40P+39; a = x extended by 1), g and z float rows in shared
-// memory (16-byte aligned). The caller adds the four quarters.
-template <int P>
-__device__ __forceinline__ void phi_dots(const float (&x)[16], const float* g, const float* z, float& dz,
-                                         float& dg) {
-  static_for<10>([&](auto u) {
-    constexpr int F0 = 40 * P + 4 * decltype(u)::value;
-    if constexpr (F0 < kCompactFeatures) {
-      const float4 g4 = *reinterpret_cast<const float4*>(g + F0);
-      const float4 z4 = *reinterpret_cast<const float4*>(z + F0);
-      const float gv[4] = {g4.x, g4.y, g4.z, g4.w}, zv[4] = {z4.x, z4.y, z4.z, z4.w};
-      static_for<4>([&](auto e) {
-        constexpr int F = F0 + decltype(e)::value;
-        if constexpr (F < kCompactFeatures) {
-          const float ph = feature<F>(x, 1.f);
-          dz = fmaf(ph, zv[decltype(e)::value], dz);
-          dg = fmaf(ph, gv[decltype(e)::value], dg);
-        }
-      });
+// Quarter P of phi(a).z and phi(a).g (features 40P..40P+39; a = x extended by 1); g(f), z(f) the rows' values.
+template <int P, class G, class Z>
+__device__ __forceinline__ void phi_dots(const float (&x)[16], G&& g, Z&& z, float& dz, float& dg) {
+  static_for<40>([&](auto u) {
+    constexpr int F = 40 * P + decltype(u)::value;
+    if constexpr (F < kCompactFeatures) {
+      const float ph = feature<F>(x, 1.f);
+      dz = fmaf(ph, z(F), dz);
+      dg = fmaf(ph, g(F), dg);
     }
   });
 }
@@ -58,7 +49,7 @@ __device__ __forceinline__ void phi_vjp4(const float (&x)[16], G&& gphi, float (
   });
 }
 
-// The four parts' sum, the same in each of the four lanes (xor pairs, then xor quads: a fixed order).
+// The sum over the 4 lanes of a quad (lanes 4g..4g+3), the same in each (xor pairs, then xor quads).
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
