@@ -25,9 +25,9 @@ Implementations (normalized, o = num / (den + eps), unless named -num):
   operands, float32 chunk states); AOTAutograd compiles its backward.
 
 Bytes and FLOPs: perf.cost.prefill_backward_cost / prefill_train_cost (nominal; the derivation is there).
-extra_info adds what the forward keeps for the backward, measured (``forward_saved``): ``saved_bytes``, the
-memory its autograd graph holds beyond q, k, v and o, and ``saved_vs_qkvo`` = saved_bytes / bytes of q, k, v
-and o (issue 15's target for ours: <= 0.25).
+extra_info adds what the forward keeps for the backward, measured by ``perf.measure.forward_saved``:
+``saved_bytes``, the memory its autograd graph holds beyond q, k, v and o, and ``saved_vs_qkvo`` =
+saved_bytes / bytes of q, k, v and o (issue 15's target for ours: <= 0.25).
 Ids: test_perf_based_prefill_backward[<impl>-<norm|num>-B<B>-H<H>-N<N>-bf16],
      test_perf_based_prefill_train[<impl>-norm-B<B>-H<H>-N<N>-bf16].
 """
@@ -41,6 +41,7 @@ import torch
 
 from perf.cost import prefill_backward_cost, prefill_cost, prefill_train_cost
 from perf.impls import EAGER, FLA_MISSING, OPTIONAL, OURS, TORCH, Impl, bench, peer_errors_skip, randn
+from perf.measure import forward_saved
 from perf.test_perf_based_prefill import D, DTYPE, E, EPS, SCALE, SHAPES, Shape, compiled_loopfree
 
 OP = "based_prefill_backward"
@@ -178,30 +179,6 @@ def _cases(impls: list[Impl]) -> list:
 
 
 CASES, TRAIN_CASES = _cases(IMPLS), _cases(TRAIN_IMPLS)
-
-
-# ---- what the forward keeps for the backward -----------------------------------------------------------
-def allocator_bytes(nbytes: int) -> int:
-    """The block PyTorch's CUDA caching allocator takes for nbytes (multiples of 512, at least 512)."""
-    return max(512, -(-nbytes // 512) * 512)
-
-
-def forward_saved(forward: Callable[..., torch.Tensor], q, k, v, g) -> dict:
-    """{"saved_bytes", "saved_vs_qkvo"}: the memory forward's autograd graph holds for the backward beyond
-    q, k, v (the caller's) and o, measured: torch.cuda.memory_allocated() after the forward minus before,
-    minus o's block, after one warm-up forward + backward (compilation, autotuning and caches not counted);
-    and that over the bytes of q, k, v and o."""
-    with torch.enable_grad():
-        torch.autograd.grad(forward(q, k, v), (q, k, v), g)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    with torch.enable_grad():
-        o = forward(q, k, v)
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated() - before - allocator_bytes(o.untyped_storage().nbytes())
-    qkvo = sum(t.numel() * t.element_size() for t in (q, k, v, o))
-    del o
-    return {"saved_bytes": int(held), "saved_vs_qkvo": held / qkvo}
 
 
 def _run(benchmark, perf_rounds, op: str, impl: Impl, shape: Shape) -> None:

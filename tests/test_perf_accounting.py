@@ -36,6 +36,13 @@ def test_backward_and_training_cost():
     assert (train_bytes, train_flops) == (B * H * N * 832, 4 * cost.prefill_cost(B, H, N)[1])
 
 
+def test_allocator_block_rounding():
+    """perf.measure.forward_saved subtracts o's allocation as the caching allocator rounds it."""
+    from perf import measure
+
+    assert [measure.allocator_bytes(n) for n in (1, 512, 513, 4096 * 128)] == [512, 512, 1024, 4096 * 128]
+
+
 # The issues' decode floors count the state (issue 4) or the window's K and V (issue 5) alone; the suite also
 # counts q, k, v read and o written (and the appended k/v), every byte the op must move: up to ~5% more.
 @pytest.mark.parametrize("B,H,floor_us", [(16, 16, 6.7), (64, 16, 26.7), (1024, 16, 428)])
