@@ -80,17 +80,20 @@ def speedup_ref(b: Bench, group: list[Bench]) -> Bench | None:
 # --------------------------------------------------------------------------------------------------
 def _op_table(benches: list[Bench]) -> list[str]:
     unit, _ = throughput(benches[0])
-    lines = [f"| shape | implementation | median µs | {unit} | % of floor | attn_kernels speed-up |",
-             "|---|---|--:|--:|--:|--:|"]
+    saved = any(b.saved_vs_qkvo is not None for b in benches)  # backward, training: what the forward keeps
+    lines = [f"| shape | implementation | median µs | {unit} | % of floor | attn_kernels speed-up |"
+             + (" forward keeps (× q, k, v, o bytes) |" if saved else ""),
+             "|---|---|--:|--:|--:|--:|" + ("--:|" if saved else "")]
     for shape in sorted({b.shape for b in benches}):
         group = sorted((b for b in benches if b.shape == shape), key=_impl_order)
         for b in group:
             ref = speedup_ref(b, group)
             speed = f"{b.median_us / ref.median_us:.2f}× ({ref.impl})" if ref else "—"
             name = f"**{b.impl}**" if b.ours else b.impl
+            kept = (f" {b.saved_vs_qkvo:.2f} |" if b.saved_vs_qkvo is not None else " — |") if saved else ""
             lines.append(f"| {shape_label(shape)} | {name} | {fmt_us(b.median_us)} | "
                          f"{fmt_throughput(unit, throughput(b)[1])} | {100 * b.floor_us / b.median_us:.1f} | "
-                         f"{speed} |")
+                         f"{speed} |{kept}")
     return lines
 
 def _generation_section(run: Run) -> list[str]:

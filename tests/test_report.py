@@ -130,7 +130,7 @@ def _backward_run(tmp_path) -> Path:
         for impl, median in impls.items():
             info = {"op": op, "impl": impl, "shape": {"B": 16, "H": 16, "N": 4096}, "bytes": nbytes,
                     "flops": flops, "floor_us": cost.floor_us(nbytes, flops), "pct_of_floor": None,
-                    "saved_bytes": 0, "saved_vs_qkvo": 0.0}
+                    "saved_bytes": 0, "saved_vs_qkvo": 0.0 if impl.startswith("attn_kernels") else 0.406}
             benchmarks.append({"param": f"{impl}-B16-H16-N4096-bf16", "stats": {"median": median},
                                "extra_info": info})
     path = tmp_path / "run.json"
@@ -148,7 +148,8 @@ def test_backward_and_training_tables(tmp_path):
     rows = {tuple(r[:2]): r for r in _table_rows(md, "based_prefill_backward")}
     flops = cost.prefill_backward_cost(16, 16, 4096)[1]
     assert rows["B16 H16 N4096", "**attn_kernels-norm**"][3] == f"{flops / 1e3 * 1e-6:.1f}"  # TFLOP/s at 1 ms
-    assert rows["B16 H16 N4096", "fla_parallel-norm"][5] == "4.00× (attn_kernels-norm)"
+    assert rows["B16 H16 N4096", "fla_parallel-norm"][5:] == ["4.00× (attn_kernels-norm)", "0.41"]
+    assert rows["B16 H16 N4096", "**attn_kernels-norm**"][6] == "0.00"  # the memory column
     train = {tuple(r[:2]): r for r in _table_rows(md, "based_prefill_train")}
     assert train["B16 H16 N4096", "torch_compile-norm"][5] == "4.00× (attn_kernels-norm)"
 
