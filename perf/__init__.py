@@ -16,4 +16,5 @@ A regular package: the test modules, the conftest and the scripts import each ot
     report.py    perf/REPORT.md and the README's generated blocks (python -m perf.report)
     figures.py   the plots in perf/plots/<gpu>/
     drift.py     the decode-state drift table: written by the drift test, rendered into the README
+    training.py  the training check's loss curves (tests/test_based_training.py): data, plot, report section
 """

@@ -26,6 +26,32 @@ def prefill_cost(B: int, H: int, N: int, *, d: int = 16, e: int = 64, itemsize: 
     return nbytes, flops
 
 
+def prefill_backward_cost(B: int, H: int, N: int, *, d: int = 16, e: int = 64,
+                          itemsize: int = 2) -> tuple[int, int]:
+    """The backward alone, from what the forward saved (q, k, v) and grad_o, without state gradients (the
+    training forward returns o alone). Bytes: q, k, v and grad_o read, dq, dk, dv written, once each:
+    B*H*N*(2d + 2e + 2d + e)*itemsize, 512 bytes a token in bf16 (o is not read: only q, k, v are saved).
+
+    FLOPs: 3x the forward's nominal count, B*H*N*(6*273 + 12*273*e). Per token, with prefill_cost's
+    conventions (F = 273; the forward's products: phi(q)^T S and phi(k) v^T into S, 2*F*e each, phi(q).z,
+    2*F): the gradient of a product C = A B is two products of its size (dA = dC B^T, dB = A^T dC):
+    2*F*(2 + 4e); and with only q, k, v saved the forward's products run once more (the states S, z before
+    each token for dq; num and den for the denominator's gradient): F*(2 + 4e). Both normalize modes are
+    charged the same, as for the forward."""
+    nbytes = B * H * N * (d + d + e + e + d + d + e) * itemsize
+    _, forward_flops = prefill_cost(B, H, N, d=d, e=e, itemsize=itemsize)
+    return nbytes, 3 * forward_flops
+
+
+def prefill_train_cost(B: int, H: int, N: int, *, d: int = 16, e: int = 64,
+                       itemsize: int = 2) -> tuple[int, int]:
+    """One training step of the op, forward (prefill_cost) then backward (prefill_backward_cost): B*H*N*832
+    bytes in bf16 and B*H*N*(8*273 + 16*273*e) FLOPs, 4x the forward's."""
+    fwd_bytes, fwd_flops = prefill_cost(B, H, N, d=d, e=e, itemsize=itemsize)
+    bwd_bytes, bwd_flops = prefill_backward_cost(B, H, N, d=d, e=e, itemsize=itemsize)
+    return fwd_bytes + bwd_bytes, fwd_flops + bwd_flops
+
+
 def decode_cost(B: int, H: int, *, state_itemsize: int, d: int = 16, e: int = 64, itemsize: int = 2,
                 F: int = F_COMPACT, pooled: bool = False) -> tuple[int, int]:
     """State (S and z) read + written once in the state dtype, plus q, k, v read and o written; pooled:

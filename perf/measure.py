@@ -9,7 +9,8 @@
 
 Each round advances the clock pytest-benchmark reads (perf.clock) by its event time / op executions.
 ``rotation_count`` sizes the rotation so the sets together hold >= 3x the L2 (no set is still cached when
-it comes round again).
+it comes round again). ``forward_saved`` measures the memory a differentiable forward keeps for its backward
+(extra_info of the backward and training benchmarks).
 """
 from __future__ import annotations
 
@@ -188,3 +189,31 @@ def bench_graph(benchmark, step: Callable[..., Any], sets: Sequence[tuple], info
     finally:
         del g
     _finish(benchmark, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory a forward keeps for its backward (the backward and training benchmarks' extra_info)
+# --------------------------------------------------------------------------------------------------
+def allocator_bytes(nbytes: int) -> int:
+    """The block PyTorch's CUDA caching allocator takes for nbytes (a multiple of 512 bytes, >= 512)."""
+    return max(512, -(-nbytes // 512) * 512)
+
+
+def forward_saved(forward: Callable[..., Any], q, k, v, grad_o) -> dict:
+    """{"saved_bytes", "saved_vs_qkvo"}: the memory forward(q, k, v)'s autograd graph holds for the backward
+    beyond q, k, v (the caller's) and o, measured: torch.cuda.memory_allocated() after the forward minus
+    before, minus o's block, after one warm-up forward + backward (compilation, autotuning and caches are not
+    counted); and that over the bytes of q, k, v and o. q, k, v require grad."""
+    import torch
+
+    with torch.enable_grad():
+        torch.autograd.grad(forward(q, k, v), (q, k, v), grad_o)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.enable_grad():
+        o = forward(q, k, v)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - allocator_bytes(o.untyped_storage().nbytes())
+    qkvo = sum(t.numel() * t.element_size() for t in (q, k, v, o))
+    del o
+    return {"saved_bytes": int(held), "saved_vs_qkvo": held / qkvo}

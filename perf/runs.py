@@ -1,8 +1,9 @@
 """Stored perf runs (pytest-benchmark JSON) as data: Run and Bench, the newest baseline of each GPU, the
 labels and derived rows both the report (perf/report.py) and its plots (perf/figures.py) show.
 
-Only the JSON is read (op, impl, shape, bytes, flops, floor_us in each benchmark's extra_info, the median
-from its stats, versions from machine_info): no torch, no GPU.
+Only the JSON is read (op, impl, shape, bytes, flops, floor_us, and tokens_per_s / saved_vs_qkvo where
+present, in each benchmark's extra_info; the median from its stats, versions from machine_info): no torch,
+no GPU.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Bench:
     flops: int
     floor_us: float
     tokens_per_s: float | None
+    saved_vs_qkvo: float | None = None  # backward, training: memory the forward keeps / q, k, v, o bytes
 
     def dim(self, key: str) -> int | None:
         return dict(self.shape).get(key)
@@ -100,6 +102,7 @@ def load_run(path: Path) -> Run:
             op=info["op"], impl=info["impl"], shape=_shape(info["shape"]),
             median_us=b["stats"]["median"] * 1e6, nbytes=int(info["bytes"]), flops=int(info["flops"]),
             floor_us=float(info["floor_us"]), tokens_per_s=info.get("tokens_per_s"),
+            saved_vs_qkvo=info.get("saved_vs_qkvo"),
         ))
     return Run(Path(path), data.get("machine_info") or {}, data.get("datetime") or "", tuple(benches))
 

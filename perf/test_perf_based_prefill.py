@@ -70,7 +70,9 @@ def based_chunked_loopfree(q, k, v, scale: float, normalize: bool, eps: float, c
 _COMPILED: dict = {}
 
 
-def _compiled_loopfree():
+def compiled_loopfree():
+    """based_chunked_loopfree compiled (dynamic=False, fullgraph); one object, shared with the backward and
+    training benchmarks (perf/test_perf_based_prefill_backward.py)."""
     if "fn" not in _COMPILED:
         feature_map_compact(torch.ones(1, D, device="cuda"), SCALE)  # cache the index tensors first
         _COMPILED["fn"] = torch.compile(based_chunked_loopfree, dynamic=False, fullgraph=True)
@@ -133,7 +135,7 @@ def _thunderkittens(m, s: Shape):
 
 
 def _torch_compile(_, s: Shape):
-    fn = _compiled_loopfree()
+    fn = compiled_loopfree()
     return lambda q, k, v: fn(q, k, v, SCALE, True, EPS)
 
 

@@ -22,6 +22,27 @@ def test_prefill_floor_matches_issue(B, H, N, floor_ms):
     assert cost.floor_us(nbytes, flops) / 1e3 == pytest.approx(floor_ms, rel=5e-3)
 
 
+def test_backward_and_training_cost():
+    """prefill_backward_cost: q, k, v, grad_o read and dq, dk, dv written, bf16; FLOPs per token: the
+    forward's three products (phi(q)^T S, phi(k) v^T: 2*273*64 each; phi(q).z: 2*273) recomputed once and
+    differentiated (two products each). Training = forward + backward."""
+    B, H, N = 16, 16, 4096
+    forward = 2 * 273 * 64 + 2 * 273 * 64 + 2 * 273
+    nbytes, flops = cost.prefill_backward_cost(B, H, N)
+    assert nbytes == B * H * N * ((16 + 16 + 64 + 64) + (16 + 16 + 64)) * 2 == B * H * N * 512
+    assert flops == B * H * N * (forward + 2 * forward) == 3 * cost.prefill_cost(B, H, N)[1]
+    assert cost.floor_us(nbytes, flops) == pytest.approx(flops / 700e12 * 1e6)  # compute-bound: ~317 us
+    train_bytes, train_flops = cost.prefill_train_cost(B, H, N)
+    assert (train_bytes, train_flops) == (B * H * N * 832, 4 * cost.prefill_cost(B, H, N)[1])
+
+
+def test_allocator_block_rounding():
+    """perf.measure.forward_saved subtracts o's allocation as the caching allocator rounds it."""
+    from perf import measure
+
+    assert [measure.allocator_bytes(n) for n in (1, 512, 513, 4096 * 128)] == [512, 512, 1024, 4096 * 128]
+
+
 # The issues' decode floors count the state (issue 4) or the window's K and V (issue 5) alone; the suite also
 # counts q, k, v read and o written (and the appended k/v), every byte the op must move: up to ~5% more.
 @pytest.mark.parametrize("B,H,floor_us", [(16, 16, 6.7), (64, 16, 26.7), (1024, 16, 428)])
@@ -50,10 +71,12 @@ def test_extra_info_has_exactly_the_issue_keys():
 # --------------------------------------------------------------------------------------------------
 # the registry: every op module's IMPLS, and the ids / params / extra_info they produce
 # --------------------------------------------------------------------------------------------------
-OP_MODULES = ["test_perf_based_prefill", "test_perf_based_prefill_varlen", "test_perf_based_decode",
-              "test_perf_sliding_window_decode", "test_perf_based_generation", "test_perf_sliding_window_prefill"]
+OP_MODULES = ["test_perf_based_prefill", "test_perf_based_prefill_varlen", "test_perf_based_prefill_backward",
+              "test_perf_based_decode", "test_perf_sliding_window_decode", "test_perf_based_generation",
+              "test_perf_sliding_window_prefill"]
 # Modules newer than every stored baseline: all of their ids are new.
-NEW_MODULES = ["test_perf_based_prefill_varlen", "test_perf_sliding_window_prefill"]
+NEW_MODULES = ["test_perf_based_prefill_varlen", "test_perf_sliding_window_prefill",
+               "test_perf_based_prefill_backward"]
 
 
 def _op_module(name):
@@ -62,18 +85,26 @@ def _op_module(name):
     return importlib.import_module(f"perf.{name}")
 
 
-def _cases(name):
-    """(fullname, params, impl record, shape) of every case of one op module, as pytest-benchmark names it."""
+def _benchmarks(name) -> dict:
+    """test function -> (op, its Impl records) of one op module: one test named like the module (OP, IMPLS),
+    or the module's BENCHMARKS where it has several (test_perf_based_prefill_backward's two)."""
     module = _op_module(name)
-    test = getattr(module, name)
-    (mark,) = [m for m in test.pytestmark if m.name == "parametrize"]
-    argnames = [a.strip() for a in mark.args[0].split(",")]
-    impls_by_params = {impl.params: impl for impl in module.IMPLS}
-    for case in mark.args[1]:
-        params = dict(zip(argnames, case.values))
-        n = len(next(iter(impls_by_params)))
-        impl = impls_by_params[tuple(case.values[:n])]
-        yield f"perf/{name}.py::{name}[{case.id}]", params, impl, module.Shape(*case.values[n:]), module.OP
+    return getattr(module, "BENCHMARKS", {name: (module.OP, module.IMPLS)})
+
+
+def _cases(name):
+    """(fullname, params, impl record, shape, op) of every case of one op module, named as pytest-benchmark
+    names it."""
+    module = _op_module(name)
+    for test_name, (op, records) in _benchmarks(name).items():
+        (mark,) = [m for m in getattr(module, test_name).pytestmark if m.name == "parametrize"]
+        argnames = [a.strip() for a in mark.args[0].split(",")]
+        impls_by_params = {impl.params: impl for impl in records}
+        for case in mark.args[1]:
+            params = dict(zip(argnames, case.values))
+            n = len(next(iter(impls_by_params)))
+            impl = impls_by_params[tuple(case.values[:n])]
+            yield f"perf/{name}.py::{test_name}[{case.id}]", params, impl, module.Shape(*case.values[n:]), op
 
 
 def _newest_baselines():
@@ -84,10 +115,11 @@ def _newest_baselines():
 
 @pytest.mark.parametrize("name", OP_MODULES)
 def test_every_impl_record_is_complete(name):
-    module = _op_module(name)
-    assert module.IMPLS and all(isinstance(i, impls.Impl) for i in module.IMPLS)
-    assert len({i.name for i in module.IMPLS}) == len({i.params for i in module.IMPLS}) == len(module.IMPLS)
-    for impl in module.IMPLS:
+    records = [impl for _, group in _benchmarks(name).values() for impl in group]
+    for _, group in _benchmarks(name).values():
+        assert group and all(isinstance(i, impls.Impl) for i in group)
+        assert len({i.name for i in group}) == len({i.params for i in group}) == len(group)
+    for impl in records:
         assert impl.name.startswith(impl.peer) and impl.peer in impl.params
         assert impl.source in (impls.OURS, impls.TORCH, impls.OPTIONAL), impl.name
         assert impl.timing in (impls.EAGER, impls.GRAPH), impl.name
@@ -120,11 +152,15 @@ _NEW_PREFILL_SHAPES = ["B1-H16-N65536", "B2-H32-N8192"]
 _PREFILL_IMPLS = ["attn_kernels-norm", "attn_kernels-num", "torch-norm", "torch_compile-norm",
                   "fla_parallel-norm", "fla_fused_chunk-norm", "fla_fused_recurrent-norm"]
 # Ids newer than some GPU's newest baseline (H200's 0004 predates all of them, H100's 0002 those of NEW_MODULES
-# and the pooled ones): and every id of NEW_MODULES, and the pooled variants (issues 16, 17) at every shape.
+# and the pooled ones): and every id of NEW_MODULES (the backward and training ones: issue 15), and the pooled
+# variants (issues 16, 17) at every shape.
 NEW_IDS = ({_PREFILL_ID.format(f"thunderkittens-num-{s}") for s in _PREFILL_SHAPES + _NEW_PREFILL_SHAPES}
            | {_PREFILL_ID.format(f"{i}-{s}") for i in _PREFILL_IMPLS for s in _NEW_PREFILL_SHAPES}
            | {fullname for name in NEW_MODULES for fullname, *_ in _cases(name)}
            | {fullname for name in OP_MODULES for fullname, _, impl, *_ in _cases(name) if "-pooled" in impl.name})
+# extra_info keys some benchmarks add to cost.extra_info's: generation's tokens/s; the backward and training
+# benchmarks' memory the forward keeps for the backward (perf/test_perf_based_prefill_backward.py).
+EXTRA_KEYS = {"tokens_per_s", "saved_bytes", "saved_vs_qkvo"}
 
 
 def test_collected_ids_cover_the_newest_baseline():
@@ -138,7 +174,7 @@ def test_collected_ids_cover_the_newest_baseline():
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
     cases = {fullname: (params, impl, shape, op) for name in OP_MODULES
              for fullname, params, impl, shape, op in _cases(name)}
-    assert len(NEW_IDS) == 23 + 4 + 36 + 10 + 7 and NEW_IDS <= set(collected)
+    assert len(NEW_IDS) == 23 + 4 + 36 + 10 + 7 + 81 and NEW_IDS <= set(collected)
     assert sorted(collected) == sorted(cases) and len(collected) == len(set(collected)) == 124 + len(NEW_IDS)
     for path in _newest_baselines():
         baseline = json.loads(path.read_text())
@@ -152,7 +188,7 @@ def test_collected_ids_cover_the_newest_baseline():
             info = impls.extra_info(op, impl, shape)
             assert {k: b["extra_info"][k] for k in info if k != "pct_of_floor"} == \
                 {k: v for k, v in info.items() if k != "pct_of_floor"}, fullname
-            assert set(b["extra_info"]) - set(info) <= {"tokens_per_s"}, fullname
+            assert set(b["extra_info"]) - set(info) <= EXTRA_KEYS, fullname
             assert b["options"]["timer"] == clock.TIMER.rsplit(".", 1)[1], fullname
 
 

@@ -97,7 +97,8 @@ def test_generation_ratio_per_based_state(md):
 
 def test_generate_writes_plots_and_is_reproducible(tmp_path):
     pytest.importorskip("matplotlib")
-    written = report.generate([FIXTURE], tmp_path)
+    no_training = tmp_path / "absent.json"  # the committed training data, if any, is another test's
+    written = report.generate([FIXTURE], tmp_path, training_path=no_training)
     plots = sorted(p.name for p in (tmp_path / "plots" / "nvidia-h200").iterdir())
     assert plots == sorted(f"{n}.png" for n in ("prefill_vs_n", "prefill_vs_b", "decode_vs_b",
                                                   "sliding_window_vs_b", "generation_tokens_per_s"))
@@ -110,8 +111,89 @@ def test_generate_writes_plots_and_is_reproducible(tmp_path):
         assert f"](plots/nvidia-h200/{name})" in md
     assert set(written) == {tmp_path / "REPORT.md", *(tmp_path / "plots" / "nvidia-h200" / n for n in plots)}
     first = {p: p.read_bytes() for p in written}
-    report.generate([FIXTURE], tmp_path)
+    report.generate([FIXTURE], tmp_path, training_path=no_training)
     assert {p: p.read_bytes() for p in written} == first
+
+
+def _backward_run(tmp_path) -> Path:
+    """A stored run with the backward and training benchmarks of one shape (hand-made medians)."""
+    from perf import cost
+
+    benchmarks = []
+    medians = {"based_prefill_backward": {"attn_kernels-norm": 1.0e-3, "attn_kernels-num": 0.9e-3,
+                                          "fla_parallel-norm": 4.0e-3},
+               "based_prefill_train": {"attn_kernels-norm": 1.5e-3, "torch_compile-norm": 6.0e-3}}
+    costs = {"based_prefill_backward": cost.prefill_backward_cost,
+             "based_prefill_train": cost.prefill_train_cost}
+    for op, impls in medians.items():
+        nbytes, flops = costs[op](16, 16, 4096)
+        for impl, median in impls.items():
+            info = {"op": op, "impl": impl, "shape": {"B": 16, "H": 16, "N": 4096}, "bytes": nbytes,
+                    "flops": flops, "floor_us": cost.floor_us(nbytes, flops), "pct_of_floor": None,
+                    "saved_bytes": 0, "saved_vs_qkvo": 0.0 if impl.startswith("attn_kernels") else 0.406}
+            benchmarks.append({"param": f"{impl}-B16-H16-N4096-bf16", "stats": {"median": median},
+                               "extra_info": info})
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": benchmarks,
+                                "machine_info": {"gpu_slug": "g", "gpu_name": "G"}}))
+    return path
+
+
+def test_backward_and_training_tables(tmp_path):
+    """Both new ops get a table in TFLOP/s of their nominal FLOPs, after the forward, peers against ours."""
+    from perf import cost
+
+    md = report.render_markdown([runs.load_run(_backward_run(tmp_path))])
+    assert md.index("### based_prefill_backward") < md.index("### based_prefill_train")
+    rows = {tuple(r[:2]): r for r in _table_rows(md, "based_prefill_backward")}
+    flops = cost.prefill_backward_cost(16, 16, 4096)[1]
+    assert rows["B16 H16 N4096", "**attn_kernels-norm**"][3] == f"{flops / 1e3 * 1e-6:.1f}"  # TFLOP/s at 1 ms
+    assert rows["B16 H16 N4096", "fla_parallel-norm"][5:] == ["4.00× (attn_kernels-norm)", "0.41"]
+    assert rows["B16 H16 N4096", "**attn_kernels-norm**"][6] == "0.00"  # the memory column
+    train = {tuple(r[:2]): r for r in _table_rows(md, "based_prefill_train")}
+    assert train["B16 H16 N4096", "torch_compile-norm"][5] == "4.00× (attn_kernels-norm)"
+
+
+def _training_data():
+    from perf import training
+
+    config = {"vocab": 256, "seq_len": 128, "kv_pairs": 8, "batch": 64, "d_model": 128, "heads": 4,
+              "conv": 3, "steps": 4}
+    curves = {"attn_kernels": [5.5, 4.0, 2.0, 1.01], "reference_fp64": [5.5, 4.0, 2.0, 1.0],
+              "reference_bf16": [5.5, 4.01, 2.0, 1.0]}
+    runs_ = {k: {"loss": c, "eval_accuracy": 0.95, "eval_queries": 28672} for k, c in curves.items()}
+    measured = {"curve_ratio": 0.3, "kernel_deviation": 0.01, "lowp_spread": 0.01, "accuracy_gap": 0.0,
+                "accuracy_margin": 0.0084}
+    return training.make_data(config, runs_, measured, device="NVIDIA X100", torch_version="2.x",
+                              date="2030-01-02")
+
+
+def test_training_section_and_plot(tmp_path, monkeypatch):
+    """The training check's data (perf/training.py): REPORT.md's section and the plot, reproducibly."""
+    pytest.importorskip("matplotlib")
+    from perf import training
+
+    data_path = training.record(_training_data(), tmp_path / "based_training.json")
+    written = report.generate([FIXTURE], tmp_path, training_path=data_path)
+    png = tmp_path / "plots" / f"{training.PLOT}.png"
+    assert png in written and png.read_bytes()[:8] == PNG_MAGIC
+    md = (tmp_path / "REPORT.md").read_text()
+    section = md.split("\n## Training check", 1)[1].split("\n## ", 1)[0]
+    assert f"![{training.PLOT}](plots/{training.PLOT}.png)" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]  # [0]: the header
+    assert rows[0] == "| attn_kernels (CUDA forward + backward) | 5.5000 | 3.1275 | 0.9500 (28,672 queries) |"
+    assert len(rows) == 3
+    first = png.read_bytes()
+    report.generate([FIXTURE], tmp_path, training_path=data_path)
+    assert png.read_bytes() == first
+    bad = _training_data()
+    del bad["runs"]["reference_bf16"]
+    with pytest.raises(ValueError, match="lacks runs/reference_bf16"):
+        training.validate(bad)
+    monkeypatch.delenv(training.ENV, raising=False)
+    assert training.record(_training_data()) is None  # no path, no variable: nothing written
+    monkeypatch.setenv(training.ENV, str(tmp_path / "env.json"))
+    assert training.load(training.record(_training_data())) == _training_data()
 
 
 def test_newest_baseline_per_gpu(tmp_path):
