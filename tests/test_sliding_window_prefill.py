@@ -344,8 +344,9 @@ def test_accepts_padding_repeated_and_empty_inputs():
 @pytest.mark.parametrize("name", ["k_cache", "cu_seqlens", "cache_indices"])
 def test_rejects_other_device(name):
     base = dict(varlen=name == "cu_seqlens", pool=name == "cache_indices")
-    args = {key: (val.cuda() if isinstance(val, torch.Tensor) and key != name else val)
-            for key, val in good(**base).items()}
+    args = {key: (val.to(torch.bfloat16) if val.is_floating_point() else val) if isinstance(val, torch.Tensor) else val
+            for key, val in good(**base).items()}  # CUDA takes only fp16 / bf16: only the device may be wrong
+    args = {key: (val.cuda() if isinstance(val, torch.Tensor) and key != name else val) for key, val in args.items()}
     with pytest.raises((TypeError, ValueError), match=f"{name}"):
         call(args)
 
