@@ -168,7 +168,8 @@ __device__ __forceinline__ void state_a(const StateFrag& s, int ks, uint32_t (&h
 }
 
 // acc += state (hi [+ lo]) * B, B's fragment (b0, b1) in the input type T (fp16: split exactly into bf16 hi + lo).
-template <typename T>
+// kLo16: bf16 inputs with the state as hi + lo too (B is exact in bf16: 2 mma).
+template <typename T, bool kLo16 = false>
 __device__ __forceinline__ void mma_state(float (&acc)[4], const uint32_t (&hi)[4], const uint32_t (&lo)[4],
                                           uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -181,6 +182,7 @@ __device__ __forceinline__ void mma_state(float (&acc)[4], const uint32_t (&hi)[
     mma_16816<bf16>(acc, lo, h0, h1);
   } else {
     mma_16816<bf16>(acc, hi, b0, b1);
+    if constexpr (kLo16) mma_16816<bf16>(acc, lo, b0, b1);
   }
 }
 
