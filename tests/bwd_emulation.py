@@ -1,7 +1,8 @@
 """CPU emulation of based_prefill_backward's CUDA kernels' rounding (csrc/based_prefill_backward/), to measure
 the error / bound ratios of tests/test_based_prefill_backward_cuda.py's rule without a GPU, for the kernel as
-written and for candidate operand schemes of the dS, dz path. Not a test (pytest does not collect it):
-    python tests/bwd_emulation.py [--seeds 20] [--quick]
+of GPU run 1 ("kernel") and for candidate operand schemes (SCHEMES; the kernel now runs "dnum2-all+gk2").
+Not a test (pytest does not collect it):
+    python tests/bwd_emulation.py [--seeds 20] [--cases NAME,..] [--schemes NAME,..]
 
 What it models (float64 arithmetic, rounded where the kernel rounds; the float32 accumulations of the tensor
 cores and CUDA cores are taken as exact: their error is ~2^-24 per add, far below the operand roundings):
@@ -18,12 +19,12 @@ cores and CUDA cores are taken as exact: their error is ~2^-24 per add, far belo
   dS += (the variant's operands of phi(Q)^T dnum).
 dS-path variants ("dsv"): kernel = fl_T(phi(Q))^T fl_T(dnum) (as written); dnum2 = dnum as hi + lo (2 mma);
 phi2 = phi(Q) as hi + lo; both = hi.hi + hi.lo + lo.hi (3 mma); scaled = (inv phi(Q)) as bf16 hi + lo against
-grad_o itself (2 mma, exact B operand); exact = no operand rounding.
+grad_o itself (2 mma, exact B operand); exact = no operand rounding. Scheme "dnum2-all" also feeds P^T and
+A^T dnum with dnum's hi + lo; "+gk2" forms gk with dS as bf16 hi + lo for bf16 inputs.
 The comparator and ref64 are the test's: reference_backward.based_vjp in T and in float64 (here on the CPU)."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -84,7 +85,7 @@ def emulate(q, k, v, go, S0, z0, gS, gz, *, scale=0.25, eps=1e-6, dsv="kernel", 
     B, H, N, _ = q.shape
     BH, C = B * H, (N + CH - 1) // CH
     c32 = torch.tensor(scale, dtype=torch.float32)
-    c, sc = c32.double().item(), c32.sqrt().double().item()
+    c = c32.double().item()
     rs = lambda t: t.reshape(BH, *t.shape[2:])  # noqa: E731
     q_, k_, v_, g_ = (chunked(rs(t).to(F64), C) for t in (q, k, v, go))
     phiq32, phik32 = (chunked(rs(kernel_features(t, scale)).to(F64), C) for t in (q, k))
