@@ -1,6 +1,6 @@
 """CPU emulation of based_prefill_backward's CUDA kernels' rounding (csrc/based_prefill_backward/), to measure
 the error / bound ratios of tests/test_based_prefill_backward_cuda.py's rule without a GPU, for the kernel as
-of GPU run 1 ("kernel") and for candidate operand schemes (SCHEMES; the kernel now runs "dnum2-all+gk2").
+of GPU run 1 ("kernel") and for candidate operand schemes (SCHEMES; the kernel now runs CURRENT, "dnum2-all+gk2").
 Not a test (pytest does not collect it):
     python tests/bwd_emulation.py [--seeds 20] [--cases NAME,..] [--schemes NAME,..]
 
@@ -17,6 +17,8 @@ cores and CUDA cores are taken as exact: their error is ~2^-24 per add, far belo
   gk = stash(dS) V^T (stash = bf16 of dS, fp16: hi + lo with V split), dk = fl_T(c ds^T Q + sqrt(c)
   phi'^T(gk + dz)); dv = fl_T(phi(K) stash(dS) + fl_T(A)^T dnum); dz += phi(Q)^T dden (exact features);
   dS += (the variant's operands of phi(Q)^T dnum).
+- z and dz as the kernel adds them up: from each chunk's moments (z: K^T K, K^T 1, exact; dz: Q^T diag(dden) Q,
+  Q^T dden with diag(dden) Q and dden as bf16 hi + lo), mapped onto the compact features (moment_features).
 dS-path variants ("dsv"): kernel = fl_T(phi(Q))^T fl_T(dnum) (as written); dnum2 = dnum as hi + lo (2 mma);
 phi2 = phi(Q) as hi + lo; both = hi.hi + hi.lo + lo.hi (3 mma); scaled = (inv phi(Q)) as bf16 hi + lo against
 grad_o itself (2 mma, exact B operand); exact = no operand rounding. Scheme "dnum2-all" also feeds P^T and
@@ -45,6 +47,7 @@ SCHEMES = {  # name: (dS product variant, P^T / A^T dnum operand[, gk's dS as hi
     "both-dS": ("both", "kernel"), "scaled-dS": ("scaled", "kernel"), "dnum2-all": ("dnum2", "dnum2"),
     "both-all": ("both", "dnum2"), "dnum2-all+gk2": ("dnum2", "dnum2", True), "exact-dS+dnum2": ("exact", "dnum2"),
 }
+CURRENT = "dnum2-all+gk2"  # the kernel's scheme now
 OUT_DTYPE = {"dS0": torch.float32, "dz0": torch.float32}
 
 
@@ -67,6 +70,27 @@ def state_op(S, other, dt_in, eq, split_bf16=False):
     sh, sl = split(S, torch.bfloat16)
     oh, ol = split(other, torch.bfloat16)
     return torch.einsum(eq, sh, oh) + torch.einsum(eq, sh, ol) + torch.einsum(eq, sl, oh)
+
+
+def moment_features(M, m1, m0, c):
+    """The compact features' chunk sums from the moments (the kernel's add_moments): M (.., 16, 16), m1 (.., 16),
+    m0 (..) -> (.., 153): m0, sqrt(c) m1, c M_ii / sqrt(2), c M_ij (i < j, row i the unweighted operand)."""
+    i, j = torch.triu_indices(16, 16, offset=1)
+    diag = torch.diagonal(M, dim1=-2, dim2=-1)
+    return torch.cat([m0[..., None], c ** 0.5 * m1, c * 0.70710678118654752 * diag, c * M[..., i, j]], -1)
+
+
+def dz_moments(q_, dden, c, T):
+    """The chunks' dz terms phi(Q)^T dden as the kernel forms them (tiles.cuh's chunk_moments, weighted):
+    M = X^T W, W = fl32(dden x) as bf16 hi + lo, m1 = X^T (dden as bf16 hi + lo), X = Q (bf16 inputs: exact;
+    fp16: bf16 hi + lo, the lo.lo product dropped), m0 = sum dden; q_ (BH, C, 64, 16), dden (BH, C, 64)."""
+    bf = torch.bfloat16
+    wh, wl = split((q_.float() * dden[..., None].float()).double(), bf)
+    dh, dl = split(dden, bf)
+    xh, xl = (q_, torch.zeros_like(q_)) if T == bf else split(q_, bf)
+    M = torch.einsum("bcri,bcrj->bcij", xh, wh + wl) + torch.einsum("bcri,bcrj->bcij", xl, wh)
+    m1 = torch.einsum("bcri,bcr->bci", xh, dh + dl) + torch.einsum("bcri,bcr->bci", xl, dh)
+    return moment_features(M, m1, dden.sum(2), c)
 
 
 def chunked(x, C):
@@ -97,7 +121,7 @@ def emulate(q, k, v, go, S0, z0, gS, gz, *, scale=0.25, eps=1e-6, dsv="kernel", 
 
     # forward sweep: the states before each chunk
     dSk = torch.einsum("bctf,bcte->bcfe", phik_op, v_)
-    dzk = (phik32 * valid[..., None]).sum(2)
+    dzk = moment_features(torch.einsum("bcri,bcrj->bcij", k_, k_), k_.sum(2), valid.sum(2), c)  # exact
     S_before = S0[:, None] + torch.cumsum(dSk, 1) - dSk
     z_before = z0[:, None] + torch.cumsum(dzk, 1) - dzk
     s = c * (q_ @ k_.transpose(-1, -2))
@@ -137,7 +161,7 @@ def emulate(q, k, v, go, S0, z0, gS, gz, *, scale=0.25, eps=1e-6, dsv="kernel", 
         dSq = torch.einsum("bctf,bcte->bcfe", ph + pl, g_)
     else:
         dSq = torch.einsum("bctf,bcte->bcfe", phiq32, dnum32)
-    dzq = torch.einsum("bctf,bct->bcf", phiq32, dden)
+    dzq = dz_moments(q_, dden, c, T)
     gS = rs(gS).to(F64) if gS is not None else torch.zeros(BH, 153, 64, dtype=F64)
     gz = rs(gz).to(F64) if gz is not None else torch.zeros(BH, 153, dtype=F64)
     dS_after = gS[:, None] + dSq.flip(1).cumsum(1).flip(1) - dSq  # dS of the later chunks
@@ -210,7 +234,7 @@ def main():
                 dsv, pv, *gk2 = SCHEMES[sch]
                 outs = emulate(*inputs, dsv=dsv, pv=pv, gk2=bool(gk2))
                 for g, o, a, b in zip(NAMES, outs, r64, rl):
-                    if a is None or (sch != "kernel" and g in ("dq", "dz0")) or (pv == "kernel" and sch != "kernel"
+                    if a is None or (sch not in ("kernel", CURRENT) and g in ("dq", "dz0")) or (pv == "kernel" and sch != "kernel"
                                                                                   and g in ("dk", "dv")):
                         continue  # outputs the scheme does not change
                     ratios.setdefault((sch, g), []).append(row_ratios(o, a, b, OUT_DTYPE.get(g, dtype)))

@@ -6,8 +6,9 @@
 //   phase 1: warp w's block (key block kt, query block m): s^T = c K_kt Q_m^T, P^T = V_kt dnum_m^T, so
 //     A^T = causal(1 + s + s^2/2) (kept in a tile for dv) and ds^T = causal (P^T + dden)(1 + s^T), its part
 //     ds^T Q of dk; gk^T = dS V^T of the warp's 16 features (dS before this chunk's update) into a float tile;
-//     dz_next = dz + phi(Q)^T dden; dS += phi(Q)^T dnum; warps 0-7, dv = phi(K) dS (keys 16(w/2).., values
-//     32(w%2)..) against the copy of dS before the update (the stash: bf16, fp16 inputs hi + lo).
+//     dS += phi(Q)^T dnum; warps 0-7, dv = phi(K) dS (keys 16(w/2).., values 32(w%2)..) against the copy of dS
+//     before the update (the stash: bf16, fp16 inputs hi + lo); warp 8, dz_next = dz + phi(Q)^T dden from the
+//     queries' moments Q^T diag(dden) Q, Q^T dden (tiles.cuh's chunk_moments: diag(dden) Q as bf16 hi + lo).
 //   phase 2: warps 0-7 add A^T dnum of their key block's rows and store dv; per key (4 threads each, tiles.cuh's
 //     token_part) dk = c (the column's block parts) + sqrt(c) phi'(a)^T (gk + dz); the updated dS into the stash.
 // After the first chunk, dS, dz are dS0, dz0.
@@ -36,7 +37,8 @@ struct BsSmem {
   float gpt[BCfg::kF][BCfg::kTP];          // gk^T = dS V^T (feature rows)
   float dkp[BCfg::kWarps][16][BCfg::kRP];  // ds^T Q of each causal block
   float dz[2][BCfg::kF];              // dz of the later chunks, and with this chunk's queries
-  float dden[BCfg::kChunk];
+  MomentTile mom;                     // the chunk's queries' moments (warp 8)
+  alignas(8) float dden[BCfg::kChunk];
 };
 
 // phi(Q) feature groups G0..G0+3 of row r, and with_k, phi(K)'s (fp16 inputs: bf16 hi + lo from float).
@@ -104,7 +106,6 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   if (tid < BCfg::kF)
     sm.dz[0][tid] = (p.grad_z && tid < kCompactFeatures) ? p.grad_z[int64_t(bh) * kCompactFeatures + tid] : 0.f;
   write_stash(sm.stash, ds, warp, L);
-  const FeatureTerm zterm = feature_term(tid >> 1);
 
   int m, kt;  // this warp's causal block
   intra_block(warp, m, kt);
@@ -243,10 +244,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
                 make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
       }
     }
-    if (!AK_MUTANT(bwd_dstate_frozen)) {  // dz += phi(Q)^T dden; dS += phi(Q)^T dnum (this warp's features)
-      const float zs = feature_sum(sm.q, zterm, sqrt_c, tid & 1, [](int) { return 1.f; },
-                                   [&](int r) { return sm.dden[r]; });
-      if ((tid & 1) == 0) sm.dz[zb ^ 1][tid >> 1] = sm.dz[zb][tid >> 1] + zs;
+    if (!AK_MUTANT(bwd_dstate_frozen)) {  // dS += phi(Q)^T dnum (this warp's features)
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         uint32_t a[4];
@@ -261,8 +259,14 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
             mma_16816<T>(ds[2 * np + 1], a, bb[2], bb[3]);
           }
       }
-    } else if ((tid & 1) == 0) {
-      sm.dz[zb ^ 1][tid >> 1] = sm.dz[zb][tid >> 1];
+    }
+    if (warp == 8) {  // dz += phi(Q)^T dden from the queries' dden-weighted moments (while warps 0-7 run dv)
+      if (!AK_MUTANT(bwd_dstate_frozen)) {
+        chunk_moments<T, true>(tq.base, sm.dden, 0.f, sm.mom, L);
+        add_moments(sm.dz[zb ^ 1], sm.dz[zb], sm.mom, sqrt_c, c1, tid & 31);
+      } else {
+        for (int f = tid & 31; f < BCfg::kF; f += 32) sm.dz[zb ^ 1][f] = sm.dz[zb][f];
+      }
     }
     float dv[4][4] = {};  // warps 0-7: keys 16kb + g (+8), values 32vh + 8i + 2t
     if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order
