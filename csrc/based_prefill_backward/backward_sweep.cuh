@@ -269,8 +269,8 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       }
     }
     float dv[4][4] = {};  // warps 0-7: keys 16kb + g (+8), values 32vh + 8i + 2t
-    if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order
-#pragma unroll 1
+    if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order (unrolled: ldmatrix ahead of the mma)
+#pragma unroll
       for (int ks = 0; ks < BCfg::kF / 16; ++ks) {
         uint32_t ah[4], al[4];
         a_frag(ah, tphik[0], 16 * kb, 16 * ks, L);
