@@ -5,12 +5,13 @@
 //     phi(Q), and for dv phi(K), into their tiles.
 //   phase 1: warp w's block (key block kt, query block m): s^T = c K_kt Q_m^T, P^T = V_kt dnum_m^T, so
 //     A^T = causal(1 + s + s^2/2) (kept in a tile for dv) and ds^T = causal (P^T + dden)(1 + s^T), its part
-//     ds^T Q of dk; gk^T = dS V^T of the warp's 16 features (dS before this chunk's update) into a float tile;
+//     ds^T Q of dk; gk^T = dS V^T + dz of the warp's 16 features (dS, dz before this chunk's update) into a
+//     float tile;
 //     dS += phi(Q)^T dnum; warps 0-7, dv = phi(K) dS (keys 16(w/2).., values 32(w%2)..) against the copy of dS
 //     before the update (the stash: bf16, fp16 inputs hi + lo); warp 8, dz_next = dz + phi(Q)^T dden from the
 //     queries' moments Q^T diag(dden) Q, Q^T dden (tiles.cuh's chunk_moments: diag(dden) Q as bf16 hi + lo).
 //   phase 2: warps 0-7 add A^T dnum of their key block's rows and store dv; per key (4 threads each, tiles.cuh's
-//     token_part) dk = c (the column's block parts) + sqrt(c) phi'(a)^T (gk + dz); the updated dS into the stash.
+//     token_part) dk = c (the column's block parts) + sqrt(c) phi'(a)^T gk; the updated dS into the stash.
 // After the first chunk, dS, dz are dS0, dz0.
 // dnum meets the tensor cores as hi + lo (2 mma per product: P^T, dS, A^T dnum), and dS in gk = dS V^T as bf16
 // hi + lo for bf16 inputs too: one rounding of dnum (of dS) made the kernel's error on dS0 (float32) and on dk of
@@ -222,7 +223,8 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
                 make_float2(d[i][2 * hf], d[i][2 * hf + 1]);
       }
     }
-    if (need_dk) {  // gk^T = dS V^T for this warp's features (m16 tiles: features x keys); dS as bf16 hi + lo
+    if (need_dk) {  // gk^T = dS V^T + dz for this warp's features (m16 tiles: features x keys); dS as bf16 hi + lo
+      const float zf[2] = {sm.dz[zb][16 * warp + L.g], sm.dz[zb][16 * warp + L.g + 8]};  // dz of the later chunks
       uint32_t ah[4][4], al[4][4];
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) state_a<true>(ds, ks, ah[ks], al[ks]);
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf)
             *reinterpret_cast<float2*>(&sm.gpt[16 * warp + L.g + 8 * hf][16 * np + 8 * i + 2 * L.t]) =
-                make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
+                make_float2(acc[i][2 * hf] + zf[hf], acc[i][2 * hf + 1] + zf[hf]);
       }
     }
     if (!AK_MUTANT(bwd_dstate_frozen)) {  // dS += phi(Q)^T dnum (this warp's features)
@@ -269,7 +271,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       }
     }
     float dv[4][4] = {};  // warps 0-7: keys 16kb + g (+8), values 32vh + 8i + 2t
-    if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order (unrolled: ldmatrix ahead of the mma)
+    if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order (unrolled: ldmatrix ahead)
 #pragma unroll
       for (int ks = 0; ks < BCfg::kF / 16; ++ks) {
         uint32_t ah[4], al[4];
@@ -327,12 +329,9 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         const float4 x = *reinterpret_cast<const float4*>(&sm.dkp[block_index(m2, kr)][r & 15][4 * part]);
         intra = make_float4(intra.x + x.x, intra.y + x.y, intra.z + x.z, intra.w + x.w);
       }
-      const float* zr = sm.dz[zb];
       float xk[16], jac[4];
       load_scaled_row(kc[r], sqrt_c, xk);
-      with_part(part, [&](auto P) {
-        phi_vjp4<decltype(P)::value>(xk, [&](int f) { return sm.gpt[f][r] + zr[f]; }, jac);
-      });
+      with_part(part, [&](auto P) { phi_vjp4<decltype(P)::value>(xk, [&](int f) { return sm.gpt[f][r]; }, jac); });
       if (r < n_valid) store_grad4(dkg + (t0 + r) * p.dk_sn + 4 * part, c1, intra, sqrt_c, jac);
     }
     write_stash(sm.stash, ds, warp, L);  // its readers (dv above) finished before the barrier
