@@ -5,8 +5,9 @@ Tolerance (tests/README.md's rule, row by row): |kernel - ref64| <= 2 |lowp - re
 ref64 = based_vjp in float64 from the same low-precision inputs and the comparator lowp = based_vjp run in the
 input dtype (every input, state and gradient rounded to it; PyTorch's fp16/bf16 matmuls accumulate in float32):
 what a PyTorch training step in that precision computes. The kernel keeps every running state (S, z, dS, dz) in
-float32 and runs its products on tensor cores with float32 accumulation, chunk operands in the input dtype and a
-state operand rounded to bf16 (fp16 inputs: bf16 hi + lo): the operand roundings of the comparator's class, which
+float32 and runs its products on tensor cores with float32 accumulation, chunk operands in the input dtype (dnum as
+hi + lo) and a state operand rounded to bf16 (fp16 inputs: bf16 hi + lo): the operand roundings of the comparator's
+class (tests/bwd_emulation.py measures the kernel's rounding against this rule on the CPU), which
 also rounds s, A, ds and every intermediate to the input dtype, so a correct kernel sits below the bound; a wrong
 carry, mask, term or index is off by O(1) of the gradient."""
 import pytest

@@ -1,16 +1,22 @@
 // based_prefill_backward, part of based_prefill_backward.cu (included there only): the backward sweep. One CTA
 // per (b, h) walks the chunks last to first from (grad_S, grad_z); dS, dz are the gradients that the later
 // chunks' queries send back through the state. Per chunk (the causal blocks transposed: key rows):
-//   phase 0: dnum = grad_o * inv (inv, dden from the forward sweep's workspace) into a tile; phi(Q), and for
-//     dv phi(K), into their tiles.
+//   phase 0: dnum = grad_o * inv (inv, dden from the forward sweep's workspace) as T hi + lo into two tiles;
+//     phi(Q), and for dv phi(K), into their tiles.
 //   phase 1: warp w's block (key block kt, query block m): s^T = c K_kt Q_m^T, P^T = V_kt dnum_m^T, so
 //     A^T = causal(1 + s + s^2/2) (kept in a tile for dv) and ds^T = causal (P^T + dden)(1 + s^T), its part
-//     ds^T Q of dk; gk^T = dS V^T of the warp's 16 features (dS before this chunk's update) into a float tile;
-//     dz_next = dz + phi(Q)^T dden; dS += phi(Q)^T dnum; warps 0-7, dv = phi(K) dS (keys 16(w/2).., values
-//     32(w%2)..) against the copy of dS before the update (the stash: bf16, fp16 inputs hi + lo).
+//     ds^T Q of dk; gk^T = dS V^T + dz of the warp's 16 features (dS, dz before this chunk's update) into a
+//     float tile;
+//     dS += phi(Q)^T dnum; warps 0-7, dv = phi(K) dS (keys 16(w/2).., values 32(w%2)..) against the copy of dS
+//     before the update (the stash: bf16, fp16 inputs hi + lo); warp 8, dz_next = dz + phi(Q)^T dden from the
+//     queries' moments Q^T diag(dden) Q, Q^T dden (tiles.cuh's chunk_moments: diag(dden) Q as bf16 hi + lo).
 //   phase 2: warps 0-7 add A^T dnum of their key block's rows and store dv; per key (4 threads each, tiles.cuh's
-//     token_part) dk = c (the column's block parts) + sqrt(c) phi'(a)^T (gk + dz); the updated dS into the stash.
+//     token_part) dk = c (the column's block parts) + sqrt(c) phi'(a)^T gk; the updated dS into the stash.
 // After the first chunk, dS, dz are dS0, dz0.
+// dnum meets the tensor cores as hi + lo (2 mma per product: P^T, dS, A^T dnum), and dS in gk = dS V^T as bf16
+// hi + lo for bf16 inputs too: one rounding of dnum (of dS) made the kernel's error on dS0 (float32) and on dk of
+// a chunk's last keys (P^T = V dnum^T and dS V^T cancel) as large as the input-dtype comparator's, whose double
+// is the tests' bound (tests/bwd_emulation.py; perf/notes/based_prefill_backward.md).
 #pragma once
 #include "tiles.cuh"
 #include "token_pass.cuh"
@@ -26,12 +32,14 @@ struct BsSmem {
   bf16 stash[kParts][BCfg::kF][BCfg::kVP];  // dS of the later chunks (feature rows)
   T q[BCfg::kChunk][BCfg::kQKP];
   T k[2][BCfg::kChunk][BCfg::kQKP];  // chunk c in k[c & 1]: phase 2 reads it while the next chunk's loads
-  T v[BCfg::kChunk][BCfg::kVP], go[BCfg::kChunk][BCfg::kVP], dnum[BCfg::kChunk][BCfg::kVP];
+  T v[BCfg::kChunk][BCfg::kVP], go[BCfg::kChunk][BCfg::kVP];
+  T dnum[2][BCfg::kChunk][BCfg::kVP];  // hi, lo = fl(dnum - hi)
   T at[BCfg::kWarps][16][BCfg::kQKP];  // A^T of each causal block (key rows, query columns)
   float gpt[BCfg::kF][BCfg::kTP];          // gk^T = dS V^T (feature rows)
   float dkp[BCfg::kWarps][16][BCfg::kRP];  // ds^T Q of each causal block
   float dz[2][BCfg::kF];              // dz of the later chunks, and with this chunk's queries
-  float dden[BCfg::kChunk];
+  MomentTile mom;                     // the chunk's queries' moments (warp 8)
+  alignas(8) float dden[BCfg::kChunk];
 };
 
 // phi(Q) feature groups G0..G0+3 of row r, and with_k, phi(K)'s (fp16 inputs: bf16 hi + lo from float).
@@ -99,13 +107,12 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   if (tid < BCfg::kF)
     sm.dz[0][tid] = (p.grad_z && tid < kCompactFeatures) ? p.grad_z[int64_t(bh) * kCompactFeatures + tid] : 0.f;
   write_stash(sm.stash, ds, warp, L);
-  const FeatureTerm zterm = feature_term(tid >> 1);
 
   int m, kt;  // this warp's causal block
   intra_block(warp, m, kt);
   const int kb = warp >> 1, vh = warp & 1;  // warps 0-7: the dv tile (keys 16kb.., values 32vh..)
   const RowTile<BCfg::kQKP> tq{saddr(sm.q)};
-  const RowTile<BCfg::kVP> tv{saddr(sm.v)}, tdn{saddr(sm.dnum)};
+  const RowTile<BCfg::kVP> tv{saddr(sm.v)}, tdn[2] = {{saddr(sm.dnum[0])}, {saddr(sm.dnum[1])}};
   const RowTile<BCfg::kVP> tst[2] = {{saddr(sm.stash[0])}, {saddr(sm.stash[kParts - 1])}};
   const PhiTile tphiq{saddr(sm.phiq)}, tphik[2] = {{saddr(sm.phik[0])}, {saddr(sm.phik[kParts - 1])}};
 
@@ -139,13 +146,17 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       const float inv = ws_inv ? (r < n_valid ? ws_inv[t0 + r] : 0.f) : 1.f;
       const uint4 x = *reinterpret_cast<const uint4*>(&sm.go[r][col]);
       const uint32_t xi[4] = {x.x, x.y, x.z, x.w};
-      uint32_t y[4];
+      uint32_t hi[4], lo[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float2 f = unpack2<T>(xi[j]);
-        y[j] = pack2<T>(f.x * inv, f.y * inv);
+        const float d0 = f.x * inv, d1 = f.y * inv;
+        hi[j] = pack2<T>(d0, d1);
+        const float2 h = unpack2<T>(hi[j]);
+        lo[j] = pack2<T>(d0 - h.x, d1 - h.y);  // exact differences (Sterbenz)
       }
-      *reinterpret_cast<uint4*>(&sm.dnum[r][col]) = make_uint4(y[0], y[1], y[2], y[3]);
+      *reinterpret_cast<uint4*>(&sm.dnum[0][r][col]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+      *reinterpret_cast<uint4*>(&sm.dnum[1][r][col]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
     }
     {
       const int r = tid & 63;
@@ -172,9 +183,12 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         a_frag(a, tv, 16 * kt, 16 * ks, L);
-        b_frag2(bb, tdn, 16 * m, 16 * ks, L);
-        mma_16816<T>(pt[0], a, bb[0], bb[1]);
-        mma_16816<T>(pt[1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int part = 0; part < 2; ++part) {
+          b_frag2(bb, tdn[part], 16 * m, 16 * ks, L);
+          mma_16816<T>(pt[0], a, bb[0], bb[1]);
+          mma_16816<T>(pt[1], a, bb[2], bb[3]);
+        }
       }
       float dst[2][4];
 #pragma unroll
@@ -209,10 +223,11 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
                 make_float2(d[i][2 * hf], d[i][2 * hf + 1]);
       }
     }
-    if (need_dk) {  // gk^T = dS V^T for this warp's features (m16 tiles: features x keys)
+    if (need_dk) {  // gk^T = dS V^T + dz for this warp's features (m16 tiles: features x keys); dS as bf16 hi + lo
+      const float zf[2] = {sm.dz[zb][16 * warp + L.g], sm.dz[zb][16 * warp + L.g + 8]};  // dz of the later chunks
       uint32_t ah[4][4], al[4][4];
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) state_a<kSplit>(ds, ks, ah[ks], al[ks]);
+      for (int ks = 0; ks < 4; ++ks) state_a<true>(ds, ks, ah[ks], al[ks]);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         float acc[2][4] = {};
@@ -220,39 +235,44 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         for (int ks = 0; ks < 4; ++ks) {
           uint32_t bb[4];
           b_frag2(bb, tv, 16 * np, 16 * ks, L);
-          mma_state<T>(acc[0], ah[ks], al[ks], bb[0], bb[1]);
-          mma_state<T>(acc[1], ah[ks], al[ks], bb[2], bb[3]);
+          mma_state<T, true>(acc[0], ah[ks], al[ks], bb[0], bb[1]);
+          mma_state<T, true>(acc[1], ah[ks], al[ks], bb[2], bb[3]);
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf)
             *reinterpret_cast<float2*>(&sm.gpt[16 * warp + L.g + 8 * hf][16 * np + 8 * i + 2 * L.t]) =
-                make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
+                make_float2(acc[i][2 * hf] + zf[hf], acc[i][2 * hf + 1] + zf[hf]);
       }
     }
-    if (!AK_MUTANT(bwd_dstate_frozen)) {  // dz += phi(Q)^T dden; dS += phi(Q)^T dnum (this warp's features)
-      const float zs = feature_sum(sm.q, zterm, sqrt_c, tid & 1, [](int) { return 1.f; },
-                                   [&](int r) { return sm.dden[r]; });
-      if ((tid & 1) == 0) sm.dz[zb ^ 1][tid >> 1] = sm.dz[zb][tid >> 1] + zs;
+    if (!AK_MUTANT(bwd_dstate_frozen)) {  // dS += phi(Q)^T dnum (this warp's features)
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         uint32_t a[4];
         a_frag_t(a, tphiq, 16 * ks, 16 * warp, L);
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t bb[4];
-          b_frag2_t(bb, tdn, 16 * ks, 16 * np, L);
-          mma_16816<T>(ds[2 * np], a, bb[0], bb[1]);
-          mma_16816<T>(ds[2 * np + 1], a, bb[2], bb[3]);
-        }
+        for (int np = 0; np < 4; ++np)
+#pragma unroll
+          for (int part = 0; part < 2; ++part) {
+            uint32_t bb[4];
+            b_frag2_t(bb, tdn[part], 16 * ks, 16 * np, L);
+            mma_16816<T>(ds[2 * np], a, bb[0], bb[1]);
+            mma_16816<T>(ds[2 * np + 1], a, bb[2], bb[3]);
+          }
       }
-    } else if ((tid & 1) == 0) {
-      sm.dz[zb ^ 1][tid >> 1] = sm.dz[zb][tid >> 1];
+    }
+    if (warp == 8) {  // dz += phi(Q)^T dden from the queries' dden-weighted moments (while warps 0-7 run dv)
+      if (!AK_MUTANT(bwd_dstate_frozen)) {
+        chunk_moments<T, true>(tq.base, sm.dden, 0.f, sm.mom, L);
+        add_moments(sm.dz[zb ^ 1], sm.dz[zb], sm.mom, sqrt_c, c1, tid & 31);
+      } else {
+        for (int f = tid & 31; f < BCfg::kF; f += 32) sm.dz[zb ^ 1][f] = sm.dz[zb][f];
+      }
     }
     float dv[4][4] = {};  // warps 0-7: keys 16kb + g (+8), values 32vh + 8i + 2t
-    if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order
-#pragma unroll 1
+    if (need_dv && warp < 8) {  // phi(K) dS against the stash, features in order (unrolled: ldmatrix ahead)
+#pragma unroll
       for (int ks = 0; ks < BCfg::kF / 16; ++ks) {
         uint32_t ah[4], al[4];
         a_frag(ah, tphik[0], 16 * kb, 16 * ks, L);
@@ -282,12 +302,14 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         uint32_t a[4];
         a_frag(a, RowTile<BCfg::kQKP>{saddr(sm.at[block_index(m2, kb)])}, 0, 0, L);
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          uint32_t bb[4];
-          b_frag2_t(bb, tdn, 16 * m2, 32 * vh + 16 * np, L);
-          mma_16816<T>(dv[2 * np], a, bb[0], bb[1]);
-          mma_16816<T>(dv[2 * np + 1], a, bb[2], bb[3]);
-        }
+        for (int np = 0; np < 2; ++np)
+#pragma unroll
+          for (int part = 0; part < 2; ++part) {
+            uint32_t bb[4];
+            b_frag2_t(bb, tdn[part], 16 * m2, 32 * vh + 16 * np, L);
+            mma_16816<T>(dv[2 * np], a, bb[0], bb[1]);
+            mma_16816<T>(dv[2 * np + 1], a, bb[2], bb[3]);
+          }
       }
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -307,12 +329,9 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         const float4 x = *reinterpret_cast<const float4*>(&sm.dkp[block_index(m2, kr)][r & 15][4 * part]);
         intra = make_float4(intra.x + x.x, intra.y + x.y, intra.z + x.z, intra.w + x.w);
       }
-      const float* zr = sm.dz[zb];
       float xk[16], jac[4];
       load_scaled_row(kc[r], sqrt_c, xk);
-      with_part(part, [&](auto P) {
-        phi_vjp4<decltype(P)::value>(xk, [&](int f) { return sm.gpt[f][r] + zr[f]; }, jac);
-      });
+      with_part(part, [&](auto P) { phi_vjp4<decltype(P)::value>(xk, [&](int f) { return sm.gpt[f][r]; }, jac); });
       if (r < n_valid) store_grad4(dkg + (t0 + r) * p.dk_sn + 4 * part, c1, intra, sqrt_c, jac);
     }
     write_stash(sm.stash, ds, warp, L);  // its readers (dv above) finished before the barrier

@@ -17,10 +17,12 @@
 // The `needs` mask arrives as null output pointers: no sweep, and no step inside one, runs for a gradient
 // nobody needs.
 //
-// Products: mma.sync m16n8k16, float32 accumulators. Chunk operands (q, k, v, grad_o, dnum, phi, A, ds) in the
-// input dtype; a state operand (S, dS) as bf16 (it can exceed fp16's range), for fp16 inputs bf16 hi + lo with
-// the other operand split too (~16-bit operands, the forward's v3 scheme); the states themselves stay float32.
-// z, dz and the feature map's Jacobian (per token, not a matrix product) run on the CUDA cores in float32.
+// Products: mma.sync m16n8k16, float32 accumulators. Chunk operands (q, k, v, grad_o, phi, A, ds) in the input
+// dtype, dnum as input-dtype hi + lo; a state operand (S, dS) as bf16 (it can exceed fp16's range), for fp16
+// inputs bf16 hi + lo with the other operand split too (~16-bit operands, the forward's v3 scheme), and dS in
+// dk's product dS V^T as bf16 hi + lo for bf16 inputs too (backward_sweep.cuh says why); states stay float32.
+// z, dz are float32 feature vectors advanced from each chunk's moments (one warp's mma: tiles.cuh's
+// chunk_moments); the feature map's Jacobian (per token, not a matrix product) runs on the CUDA cores in float32.
 //
 //   tiles.cuh          the CTA's shape, tiles, fragments, where a state lives in the registers
 //   token_pass.cuh     the per-token feature sums and Jacobian

@@ -2,10 +2,11 @@
 // per (b, h) walks the chunks in time order from (S0, z0); per chunk:
 //   phase 1: phi(K) into its tile; warp w's causal block (m, kt): s = c Q_m K_kt^T and P' = G_m V_kt^T
 //     (G = grad_o), kept in registers, with the rows' partial sums of A and of A * P'; g' = G S^T of the
-//     warp's 16 features (state before the chunk) into a float tile; z_next = z + phi(K)^T 1.
-//   phase 2: per token (4 threads each, tiles.cuh's token_part): den = sum A + phi(q).z, dot = sum A * P' + phi(q).g', so
-//     inv = 1 / (den + eps) and dden = -inv^2 dot (dnum . num = inv dot: num is never formed); dq's feature part
-//     sqrt(c) phi'(a)^T (inv g' + dden z). Every warp: S += phi(K)^T V.
+//     warp's 16 features (state before the chunk) into a float tile.
+//   phase 2: per token (warps 0-7, 4 threads each, tiles.cuh's token_part): den = sum A + phi(q).z,
+//     dot = sum A * P' + phi(q).g', so inv = 1 / (den + eps) and dden = -inv^2 dot (dnum . num = inv dot: num is
+//     never formed); dq's feature part sqrt(c) phi'(a)^T (inv g' + dden z). Warp 8: z_next = z + phi(K)^T 1 from
+//     the keys' moments K^T K, K^T 1 (tiles.cuh's chunk_moments). Every warp: S += phi(K)^T V.
 //   phase 3: ds = causal (inv P' + dden)(1 + s) of warp w's block, its dq part ds K.
 //   phase 4: dq = c (sum of the row's block parts) + the feature part.
 // Numerator only: inv = 1, dden = 0 (den and dot are skipped). Without dq (normalize only: the backward sweep
@@ -27,6 +28,7 @@ struct FsSmem {
   float dqi[BCfg::kChunk][BCfg::kRP];      // dq's feature part, times sqrt(c)
   float2 dd[4][BCfg::kChunk];               // per quarter of the features: phi(q).z, phi(q).g'
   float z[2][BCfg::kF];               // z before the chunk, and after it
+  MomentTile mom;                     // the chunk's keys' moments (warp 8)
   float rsp[BCfg::kChunk][4], dpp[BCfg::kChunk][4];  // per query and key block: sum A, sum A * P'
   float inv[BCfg::kChunk], dden[BCfg::kChunk];
 };
@@ -56,7 +58,6 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   load_state(s, p.S0 ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim : nullptr, warp, L);
   if (tid < BCfg::kF)
     sm.z[0][tid] = (p.z0 && tid < kCompactFeatures) ? p.z0[int64_t(bh) * kCompactFeatures + tid] : 0.f;
-  const FeatureTerm zterm = feature_term(tid >> 1);  // this thread's z feature (two threads each)
 
   int m, kt;  // this warp's causal block
   intra_block(warp, m, kt);
@@ -157,13 +158,6 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
                 make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
       }
     }
-    if (!AK_MUTANT(bwd_forward_state_frozen)) {  // z after the chunk (padding keys: no constant feature)
-      const float zs = feature_sum(sm.k, zterm, sqrt_c, tid & 1, [&](int r) { return r < n_valid ? 1.f : 0.f; },
-                                   [](int) { return 1.f; });
-      if ((tid & 1) == 0) sm.z[zb ^ 1][tid >> 1] = sm.z[zb][tid >> 1] + zs;
-    } else if ((tid & 1) == 0) {
-      sm.z[zb ^ 1][tid >> 1] = sm.z[zb][tid >> 1];
-    }
     __syncthreads();
 
     // ---- phase 2 ----
@@ -208,6 +202,13 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         });
         *reinterpret_cast<float4*>(&sm.dqi[r][4 * part]) =
             make_float4(sqrt_c * jac[0], sqrt_c * jac[1], sqrt_c * jac[2], sqrt_c * jac[3]);
+      }
+    } else if (warp == 8 && c + 1 < nchunks) {  // z after the chunk, from its keys' moments (padding keys: 0)
+      if (!AK_MUTANT(bwd_forward_state_frozen)) {
+        chunk_moments<T, false>(tk.base, nullptr, float(n_valid), sm.mom, L);
+        add_moments(sm.z[zb ^ 1], sm.z[zb], sm.mom, sqrt_c, c1, tid & 31);
+      } else {
+        for (int f = tid & 31; f < BCfg::kF; f += 32) sm.z[zb ^ 1][f] = sm.z[zb][f];
       }
     }
     if (c + 1 < nchunks && !AK_MUTANT(bwd_forward_state_frozen)) {  // S += phi(K)^T V (this warp's features)

@@ -168,7 +168,8 @@ __device__ __forceinline__ void state_a(const StateFrag& s, int ks, uint32_t (&h
 }
 
 // acc += state (hi [+ lo]) * B, B's fragment (b0, b1) in the input type T (fp16: split exactly into bf16 hi + lo).
-template <typename T>
+// kLo16: bf16 inputs with the state as hi + lo too (B is exact in bf16: 2 mma).
+template <typename T, bool kLo16 = false>
 __device__ __forceinline__ void mma_state(float (&acc)[4], const uint32_t (&hi)[4], const uint32_t (&lo)[4],
                                           uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -181,6 +182,7 @@ __device__ __forceinline__ void mma_state(float (&acc)[4], const uint32_t (&hi)[
     mma_16816<bf16>(acc, lo, h0, h1);
   } else {
     mma_16816<bf16>(acc, hi, b0, b1);
+    if constexpr (kLo16) mma_16816<bf16>(acc, lo, b0, b1);
   }
 }
 
@@ -199,7 +201,7 @@ __device__ __forceinline__ void load_rows(T (&dst)[BCfg::kChunk][kPitch], const 
   }
 }
 
-// Feature f = a_i a_j w of an extended row a (a_16 the constant), for the z / dz sums.
+// Feature f = a_i a_j w of an extended row a (a_16 the constant): the moment M[i][j] (below) it sums.
 struct FeatureTerm {
   int i, j;
   float w;
@@ -215,20 +217,79 @@ __device__ __forceinline__ FeatureTerm feature_term(int f) {
   return {kFeatDim, kFeatDim, 0.f};  // padding
 }
 
-// sum over the tokens of one half (32 tokens) of phi_f(a_tok) * weight(tok), a_tok = sqrt(c) x (the tile's row)
-// extended by `one(tok)`; the two halves' threads (lanes 2f', 2f' + 1) add theirs, in that order.
-template <typename T, class One, class Weight>
-__device__ __forceinline__ float feature_sum(const T (&x)[BCfg::kChunk][BCfg::kQKP], const FeatureTerm& ft,
-                                             float sqrt_c, int half, One&& one, Weight&& weight) {
-  float acc = 0.f;
-  if (ft.w != 0.f) {
-    for (int r = 32 * half; r < 32 * half + 32; ++r) {
-      const float ai = ft.i < kFeatDim ? sqrt_c * ld(&x[r][ft.i]) : one(r);
-      const float aj = ft.j < kFeatDim ? sqrt_c * ld(&x[r][ft.j]) : one(r);
-      acc = fmaf(ai * aj * ft.w, weight(r), acc);
+// The chunk's moments of a 64 x 16 tile X (zero rows past the valid ones), rows weighted by w: M = X^T diag(w) X
+// (16 x 16), M[i][16] = (X^T w)_i, M[16][16] = sum w, in a float tile. The compact features' sums
+// sum_r w_r phi_f(sqrt(c) x_r) are c^(#i,j < 16 / 2) w_f M[i][j] (feature_term): 12-24 mma of one warp instead
+// of 153 x 64 scalar products. kWeighted false: w = 1 (the tile's valid rows: wsum = their count); the products
+// are exact. kWeighted: w (float, shared) enters through W = diag(w) X as bf16 hi + lo (relative error 2^-17), X
+// as bf16 (fp16 inputs: hi + lo, exact; hi.hi + hi.lo + lo.hi); wsum = sum w (lanes' pairs, then a xor tree).
+using MomentTile = float[kFeatDim + 1][kFeatDim + 2];
+
+template <typename T, bool kWeighted>
+__device__ __forceinline__ void chunk_moments(uint32_t x_tile, const float* w, float wsum, MomentTile& mom,
+                                              const Lane& L) {
+  constexpr bool kSplit = std::is_same_v<T, __half>;
+  const RowTile<BCfg::kQKP> tx{x_tile};
+  float acc[2][4] = {}, acc1[4] = {};  // M's columns 0-7, 8-15; X^T w (every column)
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt) {
+    uint32_t a[4];  // X^T (features x rows 16kt..): a[0..1] rows 2t, 2t + 1 and a[2..3] rows 2t + 8, 2t + 9,
+    a_frag_t(a, tx, 16 * kt, 0, L);  // so also X's B fragments: n-tile 0 (a[0], a[2]), n-tile 1 (a[1], a[3])
+    if constexpr (!kWeighted) {
+      const uint32_t one2 = pack2<T>(1.f, 1.f);
+      mma_16816<T>(acc[0], a, a[0], a[2]);
+      mma_16816<T>(acc[1], a, a[1], a[3]);
+      mma_16816<T>(acc1, a, one2, one2);
+    } else {
+      const float2 w01 = *reinterpret_cast<const float2*>(&w[16 * kt + 2 * L.t]);
+      const float2 w89 = *reinterpret_cast<const float2*>(&w[16 * kt + 2 * L.t + 8]);
+      uint32_t ah[4], al[4], wh[5], wl[5];  // W's B registers as a's, and w's pair (rows 2t..) [4] and (2t + 8..) [2]
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 xf = unpack2<T>(a[j]);
+        const float2 wf = j < 2 ? w01 : w89;
+        split_bf16x2(xf.x * wf.x, xf.y * wf.y, wh[j], wl[j]);
+        if constexpr (kSplit) split_bf16x2(xf.x, xf.y, ah[j], al[j]);
+        else ah[j] = a[j];
+      }
+      split_bf16x2(w01.x, w01.y, wh[4], wl[4]);
+      uint32_t dh, dl;
+      split_bf16x2(w89.x, w89.y, dh, dl);
+      auto prod = [&](float(&c)[4], uint32_t h0, uint32_t h1, uint32_t l0, uint32_t l1) {
+        mma_16816<bf16>(c, ah, h0, h1);
+        mma_16816<bf16>(c, ah, l0, l1);
+        if constexpr (kSplit) mma_16816<bf16>(c, al, h0, h1);
+      };
+      prod(acc[0], wh[0], wh[2], wl[0], wl[2]);
+      prod(acc[1], wh[1], wh[3], wl[1], wl[3]);
+      prod(acc1, wh[4], dh, wl[4], dl);
     }
   }
-  return acc + __shfl_xor_sync(0xffffffffu, acc, 1);
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mom[L.g + 8 * (e >> 1)][8 * n + 2 * L.t + (e & 1)] = acc[n][e];
+  if (L.t == 0) {
+    mom[L.g][kFeatDim] = acc1[0];
+    mom[L.g + 8][kFeatDim] = acc1[2];
+  }
+  if constexpr (kWeighted) {  // sum w: fixed order
+    wsum = w[L.g + 8 * L.t] + w[L.g + 8 * L.t + 32];
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o);
+  }
+  if (L.g == 0 && L.t == 0) mom[kFeatDim][kFeatDim] = wsum;
+  __syncwarp();
+}
+
+// dst[f] = src[f] + the chunk's sum of feature f (chunk_moments' tile), features f = lane, lane + 32, ..
+__device__ __forceinline__ void add_moments(float* dst, const float* src, const MomentTile& mom, float sqrt_c,
+                                            float c1, int lane) {
+  for (int f = lane; f < BCfg::kF; f += 32) {
+    const FeatureTerm ft = feature_term(f);
+    const float sc = ft.j < kFeatDim ? c1 : ft.i < kFeatDim ? sqrt_c : 1.f;  // i <= j
+    dst[f] = src[f] + ft.w * (sc * mom[ft.i][ft.j]);
+  }
 }
 
 }  // namespace
