@@ -13,6 +13,27 @@ namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
 
+// acc[i] (value column part + 4i) of one chunk row: sum over the other rows m of A x_m, then + phi_row . st.
+// A query row (num = A V + phi S) takes A_row,m over the keys m; a key row (dv = A^T dnum + phi dS) takes
+// A_m,row over the queries m. One loop for both, so the two sums run in the same order.
+template <bool kKeyRow>
+__device__ __forceinline__ void a_rows_plus_phi_state(const BwdSmem& sm, const float (&x)[BCfg::kChunk][BCfg::kP],
+                                                      int row, int part, float (&acc)[kValueDim / 4]) {
+#pragma unroll
+  for (int i = 0; i < kValueDim / 4; ++i) acc[i] = 0.f;
+  for (int m = 0; m < BCfg::kChunk; ++m) {
+    const int query = kKeyRow ? m : row, key = kKeyRow ? row : m;
+    const float a = causal(key, query) ? taylor(sm.s[query][key]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < kValueDim / 4; ++i) acc[i] = fmaf(a, x[m][part + 4 * i], acc[i]);
+  }
+  for (int f = 0; f < BCfg::kF; ++f) {
+    const float ph = sm.phi[row][f];
+#pragma unroll
+    for (int i = 0; i < kValueDim / 4; ++i) acc[i] = fmaf(ph, sm.st[f][part + 4 * i], acc[i]);
+  }
+}
+
 // The chunk's den, dnum and dden (normalize): den_r = sum_{j<=r} A_rj + phi_r . z, num_r = sum_{j<=r} A_rj v_j
 // + phi_r S (phi: the queries', st, zt: the state before the chunk); dnum = grad_o / (den + eps) replaces
 // grad_o in sm.g, dden_r = -(dnum_r . num_r) / (den + eps). The real rows' 1 / (den + eps) and dden also go
@@ -34,18 +55,7 @@ __device__ __forceinline__ void normalize_chunk(BwdSmem& sm, float eps, int n_va
   const float inv = r < n_valid ? 1.f / (den + eps) : 0.f;  // rows past the end: dnum = dden = 0
 
   float num[kValueDim / 4];
-#pragma unroll
-  for (int i = 0; i < kValueDim / 4; ++i) num[i] = 0.f;
-  for (int j = 0; j < BCfg::kChunk; ++j) {
-    const float a = causal(j, r) ? taylor(sm.s[r][j]) : 0.f;
-#pragma unroll
-    for (int i = 0; i < kValueDim / 4; ++i) num[i] = fmaf(a, sm.v[j][part + 4 * i], num[i]);
-  }
-  for (int f = 0; f < BCfg::kF; ++f) {
-    const float ph = sm.phi[r][f];
-#pragma unroll
-    for (int i = 0; i < kValueDim / 4; ++i) num[i] = fmaf(ph, sm.st[f][part + 4 * i], num[i]);
-  }
+  a_rows_plus_phi_state<false>(sm, sm.v, r, part, num);
   float dot = 0.f;
 #pragma unroll
   for (int i = 0; i < kValueDim / 4; ++i) {
@@ -71,18 +81,7 @@ template <typename T>
 __device__ __forceinline__ void store_dv(const BwdSmem& sm, T* dst, int64_t sn, int64_t t0, int n_valid, int tid) {
   const int j = tid >> 2, part = tid & 3;
   float acc[kValueDim / 4];
-#pragma unroll
-  for (int i = 0; i < kValueDim / 4; ++i) acc[i] = 0.f;
-  for (int r = 0; r < BCfg::kChunk; ++r) {
-    const float a = causal(j, r) ? taylor(sm.s[r][j]) : 0.f;
-#pragma unroll
-    for (int i = 0; i < kValueDim / 4; ++i) acc[i] = fmaf(a, sm.g[r][part + 4 * i], acc[i]);
-  }
-  for (int f = 0; f < BCfg::kF; ++f) {
-    const float ph = sm.phi[j][f];
-#pragma unroll
-    for (int i = 0; i < kValueDim / 4; ++i) acc[i] = fmaf(ph, sm.st[f][part + 4 * i], acc[i]);
-  }
+  a_rows_plus_phi_state<true>(sm, sm.g, j, part, acc);
   if (j < n_valid) {
 #pragma unroll
     for (int i = 0; i < kValueDim / 4; ++i) st_out(dst + (t0 + j) * sn + part + 4 * i, acc[i]);
