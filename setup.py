@@ -10,6 +10,10 @@ Environment:
   MAX_JOBS                 parallel compile jobs (ninja), as usual for torch extensions.
   ATTN_KERNELS_MUTANT      mutation testing only (tests/mutants/, `nox -s mutants`): compile in the one named
                            bug of csrc/common/mutants.h. Never set for a real build.
+  ATTN_KERNELS_MUTANT_OBJECTS
+                           with ATTN_KERNELS_MUTANT: the build-temp folder of an unmutated build of these
+                           sources; only the sources whose includes use that mutant are compiled, the others'
+                           objects are linked from there (their code does not depend on the mutant).
 Without nvcc the package installs without _C, as with ATTN_KERNELS_NO_CUDA=1.
 """
 import glob
@@ -69,6 +73,45 @@ def _mutant_flags():
     return [f"-DATTN_KERNELS_MUTANT={name}"]
 
 
+def _includes(path, seen):
+    """`path` and every csrc file it includes with #include "..." (the including file's folder, then csrc/)."""
+    if path in seen:
+        return seen
+    seen.add(path)
+    with open(path) as f:
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read(), re.M):
+            for where in (os.path.dirname(path), os.path.join(HERE, "csrc")):
+                candidate = os.path.normpath(os.path.join(where, name))
+                if os.path.isfile(candidate):
+                    _includes(candidate, seen)
+                    break
+    return seen
+
+
+def _mutated_sources(sources):
+    """-> (sources to compile, objects to link). A mutant build with ATTN_KERNELS_MUTANT_OBJECTS compiles only the
+    sources whose include closure uses AK_MUTANT(<name>): in the others every AK_MUTANT(...) is false, so their
+    objects equal the unmutated build's, which are linked instead."""
+    name, reuse = os.environ.get("ATTN_KERNELS_MUTANT"), os.environ.get("ATTN_KERNELS_MUTANT_OBJECTS")
+    if not (name and reuse):
+        return sources, []
+    use = re.compile(r"AK_MUTANT\(\s*" + re.escape(name) + r"\s*\)")
+    compile_, objects = [], []
+    for src in sources:
+        files = _includes(os.path.join(HERE, src), set()) - {os.path.join(HERE, "csrc", "common", "mutants.h")}
+        if any(use.search(open(f).read()) for f in files):
+            compile_.append(src)
+            continue
+        obj = os.path.join(reuse, os.path.splitext(src)[0] + ".o")
+        if not os.path.isfile(obj):
+            raise RuntimeError(f"attn_kernels: ATTN_KERNELS_MUTANT_OBJECTS={reuse!r} has no {obj!r} (build the "
+                               "unmutated extension there first)")
+        objects.append(obj)
+    if not compile_:
+        raise RuntimeError(f"attn_kernels: no source uses AK_MUTANT({name})")
+    return compile_, objects
+
+
 def _extensions():
     if os.environ.get("ATTN_KERNELS_NO_CUDA") == "1":
         return [], {}
@@ -100,9 +143,11 @@ def _extensions():
         *mutant,
     ]
     sources = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/*/*.cu"))
+    sources, objects = _mutated_sources(sources)
     ext = CUDAExtension(
         name="attn_kernels._C",
         sources=sources,
+        extra_objects=objects,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3", "-std=c++20", *mutant], "nvcc": nvcc_flags},
     )

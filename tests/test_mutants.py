@@ -77,7 +77,10 @@ def test_the_mutated_ops_tests_run_first():
     m = next(m for m in run.catalog() if m.name.startswith("swd_"))
     files = run.test_files(m)
     assert files[0].endswith("test_sliding_window_decode.py") and len(files) == len(set(files))
+    assert files[1].endswith("test_sliding_window_decode_pooled.py")
     assert all(Path(f).is_file() for f in files)
+    assert {Path(f).name for f in files} == {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    assert set(run.OP_TESTS) == {m.name.split("_", 1)[0] for m in run.catalog()}
 
 
 def test_killing_test_ids_are_relative_to_the_repository():

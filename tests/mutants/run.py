@@ -4,7 +4,9 @@
 
 (`nox -s mutants` on a GPU box.) Each mutant is compiled with ATTN_KERNELS_MUTANT=<name> into its own
 folder build/mutants/<name>/ (J builds at a time), next to a copy of the Python package, so the repository's
-own build stays untouched. Then, per mutant:
+own build stays untouched. Only the sources whose includes use the mutant are compiled; the other objects come
+from the in-place build's temp folder (ATTN_KERNELS_MUTANT_OBJECTS, see setup.py), which must be the build of
+these sources (`nox -s mutants` makes it first; --all-sources compiles everything). Then, per mutant:
   1. pytest tests/ -x, the mutated op's test module first, from that folder (so `import attn_kernels` is the
      mutant); the first failing test killed it;
   2. only if every test passed: the sanitize subset (tests/test_sanitize.py) under compute-sanitizer's
@@ -29,9 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "csrc" / "common" / "mutants.h"
 BUILD = ROOT / "build" / "mutants"
-OP_TESTS = {"prefill": "test_based_prefill.py", "decode": "test_based_decode.py",
-            "swd": "test_sliding_window_decode.py", "swp": "test_sliding_window_prefill.py",
-            "bwd": "test_based_prefill_backward_cuda.py", "binding": "test_op_registration.py"}
+# The mutated op's test modules, run first (a kill then comes before the rest of the suite has run).
+OP_TESTS = {"prefill": ["test_based_prefill.py", "test_based_prefill_serving.py"],
+            "decode": ["test_based_decode.py"],
+            "swd": ["test_sliding_window_decode.py", "test_sliding_window_decode_pooled.py"],
+            "swp": ["test_sliding_window_prefill.py"],
+            "bwd": ["test_based_prefill_backward_cuda.py", "test_based_prefill_backward.py"],
+            "binding": ["test_op_registration.py"]}
 TEST_TIMEOUT_S = 900
 
 
@@ -67,13 +73,23 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def build(m: Mutant, jobs_per_build: int) -> tuple[Path, str | None]:
+def unmutated_objects() -> Path | None:
+    """The in-place build's temp folder (build/temp.<platform>-<python>/ with every source's object), or None."""
+    import sysconfig
+
+    tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+    temp = ROOT / "build" / f"temp.{tag}"
+    return temp if (temp / "csrc" / "binding.o").is_file() else None
+
+
+def build(m: Mutant, jobs_per_build: int, objects: Path | None) -> tuple[Path, str | None]:
     """Compile the mutant into build/mutants/<name>/lib with the package's Python files beside it."""
     out = BUILD / m.name
     lib = out / "lib"
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp", str(out / "tmp")]
+    extra = {"ATTN_KERNELS_MUTANT_OBJECTS": str(objects)} if objects else {}
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                         env=_env(ATTN_KERNELS_MUTANT=m.name, MAX_JOBS=str(jobs_per_build)))
+                         env=_env(ATTN_KERNELS_MUTANT=m.name, MAX_JOBS=str(jobs_per_build), **extra))
     if res.returncode != 0:
         return lib, (res.stdout + res.stderr)[-3000:]
     for py in (ROOT / "attn_kernels").glob("*.py"):
@@ -97,9 +113,9 @@ def repo_test_id(test: str, cwd: Path) -> str:
 
 
 def test_files(m: Mutant) -> list[str]:
-    first = OP_TESTS.get(m.name.split("_", 1)[0])
-    rest = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if p.name != first)
-    return [str(ROOT / "tests" / f) for f in ([first] if first else []) + rest]
+    first = OP_TESTS.get(m.name.split("_", 1)[0], [])
+    rest = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if p.name not in first)
+    return [str(ROOT / "tests" / f) for f in first + rest]
 
 
 def run_tests(m: Mutant | None, lib: Path) -> tuple[int, str]:
@@ -187,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-clean", metavar="SUMMARY", nargs="?", const="not run", default=None,
                     help="do not run the suite on the unmutated build (it ran just before: give pytest's summary line)")
     ap.add_argument("--build-only", action="store_true", help="build the mutants, test none")
+    ap.add_argument("--all-sources", action="store_true",
+                    help="compile every source for each mutant (default: only those using it, the rest linked "
+                    "from the in-place build)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse a mutant already built in build/mutants/<name>/ (same sources) instead of rebuilding")
     args = ap.parse_args(argv)
@@ -207,12 +226,15 @@ def main(argv: list[str] | None = None) -> int:
             print(out[-3000:])
             return 1
     per_build = max(1, (os.cpu_count() or 2) // args.jobs)
+    objects = None if args.all_sources else unmutated_objects()
+    print(f"mutant builds link the unmodified sources' objects from {objects}" if objects
+          else "mutant builds compile every source", flush=True)
 
     def build_or_reuse(m: Mutant) -> tuple[Path, str | None]:
         lib = BUILD / m.name / "lib"
         if args.reuse and list((lib / "attn_kernels").glob("_C*.so")):
             return lib, None
-        return build(m, per_build)
+        return build(m, per_build, objects)
 
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         built = dict(zip([m.name for m in mutants], pool.map(build_or_reuse, mutants)))
