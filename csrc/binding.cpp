@@ -255,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> based_pre
   p.B = B; p.H = H; p.N = N;
   p.scale = float(scale); p.eps = float(eps); p.normalize = normalize;
   p.dtype = dtype_of(q);
+  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const size_t ws_bytes = based_prefill_backward_workspace_bytes(p);
   at::Tensor ws = at::empty({int64_t(ws_bytes / sizeof(float))}, f32);
   p.workspace = ws_bytes ? ws.data_ptr<float>() : nullptr;

@@ -80,14 +80,14 @@ __device__ __forceinline__ void write_stash(bf16 (&stash)[kParts][BCfg::kF][BCfg
 
 template <typename T>
 __global__ void __launch_bounds__(BCfg::kThreads, 1)
-    based_prefill_backward_backward_sweep(const BasedPrefillBackwardParams p) {
+    based_prefill_backward_backward_sweep(const BasedPrefillBackwardParams p, const SegmentArgs sg) {
   constexpr bool kSplit = std::is_same_v<T, __half>;
   constexpr int kParts = BsSmem<T>::kParts;
   extern __shared__ float4 bs_smem_raw[];
   BsSmem<T>& sm = *reinterpret_cast<BsSmem<T>*>(bs_smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5;
   const Lane L(tid & 31);
-  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H, seg = blockIdx.y;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
@@ -100,12 +100,19 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
   const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;
   const bool need_dk = dkg != nullptr, need_dv = dvg != nullptr;
+  if (seg > 0 && !need_dk && !need_dv) return;  // only dS0 / dz0 needed: segment 0 gets them from the query sums
 
+  // Segment seg starts from grad_S + the query sums of segments seg+1.. (query_sums' suffix slot).
+  const float* carry =
+      (seg + 1 < sg.nseg && !AK_MUTANT(bwd_split_backward_carry)) ? sg.slot(bh, seg) : nullptr;
   StateFrag ds;
   const float* gS = AK_MUTANT(bwd_grad_state_ignored) ? nullptr : p.grad_S;
   load_state(ds, gS ? gS + int64_t(bh) * kCompactFeatures * kValueDim : nullptr, warp, L);
-  if (tid < BCfg::kF)
-    sm.dz[0][tid] = (p.grad_z && tid < kCompactFeatures) ? p.grad_z[int64_t(bh) * kCompactFeatures + tid] : 0.f;
+  if (carry) add_state(ds, carry, warp, L);
+  if (tid < BCfg::kF) {
+    const float z = (p.grad_z && tid < kCompactFeatures) ? p.grad_z[int64_t(bh) * kCompactFeatures + tid] : 0.f;
+    sm.dz[0][tid] = carry ? z + carry[kSlotZ + tid] : z;
+  }
   write_stash(sm.stash, ds, warp, L);
 
   int m, kt;  // this warp's causal block
@@ -128,10 +135,10 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
     cp_async_commit();
   };
 
-  const int nchunks = bwd_chunks(p.N);
-  if (nchunks > 0) loads(nchunks - 1, true, true);
+  const int c_begin = seg * sg.seg_chunks, c_end = min(bwd_chunks(p.N), c_begin + sg.seg_chunks);
+  if (c_begin < c_end) loads(c_end - 1, true, true);
   int zb = 0;
-  for (int c = nchunks - 1; c >= 0; --c) {
+  for (int c = c_end - 1; c >= c_begin; --c) {
     const int64_t t0 = int64_t(c) * BCfg::kChunk;
     const int n_valid = int(min(int64_t(BCfg::kChunk), int64_t(p.N) - t0));
     const auto& kc = sm.k[c & 1];
@@ -141,23 +148,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
 
     // ---- phase 0: dden, dnum, phi(Q), phi(K) ----
     if (tid < BCfg::kChunk) sm.dden[tid] = (ws_dden && tid < n_valid) ? ws_dden[t0 + tid] : 0.f;
-    for (int u = tid; u < BCfg::kChunk * 8; u += BCfg::kThreads) {
-      const int r = u >> 3, col = 8 * (u & 7);
-      const float inv = ws_inv ? (r < n_valid ? ws_inv[t0 + r] : 0.f) : 1.f;
-      const uint4 x = *reinterpret_cast<const uint4*>(&sm.go[r][col]);
-      const uint32_t xi[4] = {x.x, x.y, x.z, x.w};
-      uint32_t hi[4], lo[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = unpack2<T>(xi[j]);
-        const float d0 = f.x * inv, d1 = f.y * inv;
-        hi[j] = pack2<T>(d0, d1);
-        const float2 h = unpack2<T>(hi[j]);
-        lo[j] = pack2<T>(d0 - h.x, d1 - h.y);  // exact differences (Sterbenz)
-      }
-      *reinterpret_cast<uint4*>(&sm.dnum[0][r][col]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-      *reinterpret_cast<uint4*>(&sm.dnum[1][r][col]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-    }
+    build_dnum(sm.dnum, sm.go, ws_inv, t0, n_valid, tid);
     {
       const int r = tid & 63;
       const uint32_t pq = tphiq.base, pk = tphik[0].base;
@@ -170,7 +161,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       }
     }
     __syncthreads();
-    if (c > 0) loads(c - 1, true, false);  // grad_o's tile was read in phase 0 only
+    if (c > c_begin) loads(c - 1, true, false);  // grad_o's tile was read in phase 0 only
 
     // ---- phase 1 ----
     if (need_dk || need_dv) {  // block (m, kt) transposed: key rows 16kt + g (+8), query columns 16m + 8i + 2t
@@ -246,22 +237,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
                 make_float2(acc[i][2 * hf] + zf[hf], acc[i][2 * hf + 1] + zf[hf]);
       }
     }
-    if (!AK_MUTANT(bwd_dstate_frozen)) {  // dS += phi(Q)^T dnum (this warp's features)
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        uint32_t a[4];
-        a_frag_t(a, tphiq, 16 * ks, 16 * warp, L);
-#pragma unroll
-        for (int np = 0; np < 4; ++np)
-#pragma unroll
-          for (int part = 0; part < 2; ++part) {
-            uint32_t bb[4];
-            b_frag2_t(bb, tdn[part], 16 * ks, 16 * np, L);
-            mma_16816<T>(ds[2 * np], a, bb[0], bb[1]);
-            mma_16816<T>(ds[2 * np + 1], a, bb[2], bb[3]);
-          }
-      }
-    }
+    if (!AK_MUTANT(bwd_dstate_frozen)) dstate_update<T>(ds, tphiq, tdn, warp, L);  // dS += phi(Q)^T dnum
     if (warp == 8) {  // dz += phi(Q)^T dden from the queries' dden-weighted moments (while warps 0-7 run dv)
       if (!AK_MUTANT(bwd_dstate_frozen)) {
         chunk_moments<T, true>(tq.base, sm.dden, 0.f, sm.mom, L);
@@ -294,7 +270,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       }
     }
     __syncthreads();  // A^T, ds^T Q, gk, dz_next; every read of the stash, q, v is done
-    if (c > 0) loads(c - 1, false, true);
+    if (c > c_begin) loads(c - 1, false, true);
 
     // ---- phase 2 ----
     if (need_dv && warp < 8) {  // + A^T dnum over the query blocks m >= kb, in order; store dv
@@ -337,6 +313,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
     write_stash(sm.stash, ds, warp, L);  // its readers (dv above) finished before the barrier
     zb ^= 1;
   }
+  if (seg > 0) return;  // dS0, dz0: what segment 0 holds after the first chunk
   if (p.dS0) store_state(ds, p.dS0 + int64_t(bh) * kCompactFeatures * kValueDim, warp, L);
   if (p.dz0 && tid < kCompactFeatures) p.dz0[int64_t(bh) * kCompactFeatures + tid] = sm.dz[zb][tid];
 }

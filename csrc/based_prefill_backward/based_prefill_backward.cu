@@ -36,45 +36,77 @@
 #include "backward_sweep.cuh"
 #include "based_prefill_backward.h"
 #include "forward_sweep.cuh"
+#include "segment_sums.cuh"
 
 namespace attn_kernels {
 namespace {
+
+static_assert(kBwdChunk == BCfg::kChunk && kBwdSlotFloats == kSlotZ + BCfg::kF, "split.h's sizes");
 
 bool backward_sweep_runs(const BasedPrefillBackwardParams& p) { return p.dk || p.dv || p.dS0 || p.dz0; }
 bool forward_sweep_runs(const BasedPrefillBackwardParams& p) {
   return p.dq || (p.normalize && backward_sweep_runs(p));
 }
 
+// The forward sweep's inv and dden (2 floats per token), then the segments' sums at a float4 boundary.
+size_t inv_floats(const BasedPrefillBackwardParams& p) {
+  return (p.normalize && backward_sweep_runs(p)) ? 2 * size_t(p.B) * size_t(p.H) * size_t(p.N) : 0;
+}
+size_t sums_offset(const BasedPrefillBackwardParams& p) { return (inv_floats(p) + 3) / 4 * 4; }
+
 template <class Kernel>
-cudaError_t launch_one(Kernel kernel, int smem, const BasedPrefillBackwardParams& p, cudaStream_t stream) {
+cudaError_t launch_one(Kernel kernel, int smem, int nseg, const BasedPrefillBackwardParams& p, const SegmentArgs& sg,
+                       cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<unsigned(int64_t(p.B) * p.H), BCfg::kThreads, smem, stream>>>(p);
+  kernel<<<dim3(unsigned(int64_t(p.B) * p.H), unsigned(nseg)), BCfg::kThreads, smem, stream>>>(p, sg);
+  return cudaGetLastError();
+}
+
+// A segment's own sums into its slot, then (3 segments or more) the slots scanned into the carries.
+template <typename T, bool kQueries>
+cudaError_t launch_sums(const BasedPrefillBackwardParams& p, const SegmentArgs& sg, cudaStream_t stream) {
+  cudaError_t err = launch_one(based_prefill_backward_segment_sums<T, kQueries>, int(sizeof(SumsSmem<T, kQueries>)),
+                               sg.nseg - 1, p, sg, stream);
+  if (err != cudaSuccess || sg.nseg < 3 || AK_MUTANT(bwd_split_scan_skipped)) return err;
+  const int64_t bh = int64_t(p.B) * p.H, n = bh * (kBwdSlotFloats / 4);
+  based_prefill_backward_scan<<<unsigned((n + 255) / 256), 256, 0, stream>>>(reinterpret_cast<float4*>(sg.sums), bh,
+                                                                            sg.nseg - 1, kQueries);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_typed(const BasedPrefillBackwardParams& p, cudaStream_t stream) {
+cudaError_t launch_typed(const BasedPrefillBackwardParams& p, const SegmentArgs& sg, cudaStream_t stream) {
+  // One stream: each launch reads what the ones before it wrote (the key sums' slots are reused for the
+  // query sums once the forward sweep has read them).
+  cudaError_t err = cudaSuccess;
   if (forward_sweep_runs(p)) {
-    cudaError_t err = launch_one(based_prefill_backward_forward_sweep<T>, int(sizeof(FsSmem<T>)), p, stream);
+    if (sg.nseg > 1 && (err = launch_sums<T, false>(p, sg, stream)) != cudaSuccess) return err;
+    err = launch_one(based_prefill_backward_forward_sweep<T>, int(sizeof(FsSmem<T>)), sg.nseg, p, sg, stream);
     if (err != cudaSuccess) return err;
   }
-  if (backward_sweep_runs(p))  // same stream: reads the forward sweep's workspace after it
-    return launch_one(based_prefill_backward_backward_sweep<T>, int(sizeof(BsSmem<T>)), p, stream);
-  return cudaSuccess;
+  if (backward_sweep_runs(p)) {
+    if (sg.nseg > 1 && (err = launch_sums<T, true>(p, sg, stream)) != cudaSuccess) return err;
+    err = launch_one(based_prefill_backward_backward_sweep<T>, int(sizeof(BsSmem<T>)), sg.nseg, p, sg, stream);
+  }
+  return err;
 }
 
 }  // namespace
 
 size_t based_prefill_backward_workspace_bytes(const BasedPrefillBackwardParams& p) {
-  return (p.normalize && backward_sweep_runs(p)) ? 2 * size_t(p.B) * size_t(p.H) * size_t(p.N) * sizeof(float) : 0;
+  const size_t sums = bwd_sums_floats(p.B, p.H, bwd_choose_split(p.B, p.H, p.N, p.num_sms));
+  const bool runs = forward_sweep_runs(p) || backward_sweep_runs(p);
+  return ((runs && sums > 0) ? sums_offset(p) + sums : inv_floats(p)) * sizeof(float);
 }
 
 cudaError_t based_prefill_backward_launch(const BasedPrefillBackwardParams& p, cudaStream_t stream) {
   if (!is_io_dtype(p.dtype) || p.B < 1 || p.H < 1 || p.N < 1) return cudaErrorInvalidValue;
   if (int64_t(p.B) * p.H > int64_t(0x7fffffff)) return cudaErrorInvalidValue;  // grid.x
   if (based_prefill_backward_workspace_bytes(p) > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;
-  return p.dtype == DType::kFloat16 ? launch_typed<__half>(p, stream) : launch_typed<__nv_bfloat16>(p, stream);
+  const BwdSplit sp = bwd_choose_split(p.B, p.H, p.N, p.num_sms);
+  const SegmentArgs sg{sp.nseg, sp.seg_chunks, sp.nseg > 1 ? p.workspace + sums_offset(p) : nullptr};
+  return p.dtype == DType::kFloat16 ? launch_typed<__half>(p, sg, stream) : launch_typed<__nv_bfloat16>(p, sg, stream);
 }
 
 }  // namespace attn_kernels

@@ -32,14 +32,18 @@ struct BasedPrefillBackwardParams {
   int64_t dv_sb, dv_sh, dv_sn;
   float* dS0;  // (B, H, 153, 64) float32
   float* dz0;  // (B, H, 153) float32
-  float* workspace;  // per token 1 / (den + eps) and dden, from the forward sweep to the backward sweep
+  // Scratch: per token 1 / (den + eps) and dden, from the forward sweep to the backward sweep; then, where the
+  // sequence is split (split.h), each (b, h)'s segments' key sums (later their query sums).
+  float* workspace;
   int B, H, N;
   float scale, eps;
   bool normalize;
   DType dtype;
+  int num_sms;  // multiprocessors of the current device, for the split-sequence decision (split.h)
 };
 
-// Scratch bytes the launcher needs: 2 floats per token when normalize and the backward sweep runs, else 0.
+// Scratch bytes the launcher needs: 2 floats per token when normalize and the backward sweep runs, and
+// split.h's bwd_sums_floats past them (at a 16-byte boundary) when the sequence is split; 0 if neither.
 size_t based_prefill_backward_workspace_bytes(const BasedPrefillBackwardParams& p);
 
 // Enqueues the work on `stream`; no host synchronisation. Returns the launch error, if any.

@@ -35,13 +35,13 @@ struct FsSmem {
 
 template <typename T>
 __global__ void __launch_bounds__(BCfg::kThreads, 1)
-    based_prefill_backward_forward_sweep(const BasedPrefillBackwardParams p) {
+    based_prefill_backward_forward_sweep(const BasedPrefillBackwardParams p, const SegmentArgs sg) {
   constexpr bool kSplit = std::is_same_v<T, __half>;
   extern __shared__ float4 fs_smem_raw[];
   FsSmem<T>& sm = *reinterpret_cast<FsSmem<T>*>(fs_smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5;
   const Lane L(tid & 31);
-  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H, seg = blockIdx.y;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
@@ -54,10 +54,15 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // feature_map.cuh's packed path
   const bool need_dq = dqg != nullptr, norm = p.normalize;
 
+  // Segment seg starts from S0 + the key sums of segments 0..seg-1 (key_sums' prefix slot).
+  const float* carry = (seg > 0 && !AK_MUTANT(bwd_split_forward_carry)) ? sg.slot(bh, seg - 1) : nullptr;
   StateFrag s;
   load_state(s, p.S0 ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim : nullptr, warp, L);
-  if (tid < BCfg::kF)
-    sm.z[0][tid] = (p.z0 && tid < kCompactFeatures) ? p.z0[int64_t(bh) * kCompactFeatures + tid] : 0.f;
+  if (carry) add_state(s, carry, warp, L);
+  if (tid < BCfg::kF) {
+    const float z = (p.z0 && tid < kCompactFeatures) ? p.z0[int64_t(bh) * kCompactFeatures + tid] : 0.f;
+    sm.z[0][tid] = carry ? z + carry[kSlotZ + tid] : z;
+  }
 
   int m, kt;  // this warp's causal block
   intra_block(warp, m, kt);
@@ -77,28 +82,17 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
     cp_async_commit();
   };
 
-  const int nchunks = bwd_chunks(p.N);
-  if (nchunks > 0) loads(0, true, true);
+  const int c_begin = seg * sg.seg_chunks, c_end = min(bwd_chunks(p.N), c_begin + sg.seg_chunks);
+  if (c_begin < c_end) loads(c_begin, true, true);
   int zb = 0;
-  for (int c = 0; c < nchunks; ++c) {
+  for (int c = c_begin; c < c_end; ++c) {
     const int64_t t0 = int64_t(c) * BCfg::kChunk;
     const int n_valid = int(min(int64_t(BCfg::kChunk), int64_t(p.N) - t0));
     cp_async_wait<0>();
     __syncthreads();  // the chunk's tiles; the previous chunk's readers are done
 
     // ---- phase 1 ----
-    {  // phi(K): row tid % 64, feature groups 4 (tid / 64).. (padding keys: all features 0)
-      const int r = tid & 63;
-      const PhiRowDst d(tphik.base, r);
-      const float one = r < n_valid ? 1.f : 0.f;
-      switch (tid >> 6) {
-        case 0: build_phi_row<T, 0, 4>(sm.k[r], d, sqrt_c, one, packed_ok); break;
-        case 1: build_phi_row<T, 4, 4>(sm.k[r], d, sqrt_c, one, packed_ok); break;
-        case 2: build_phi_row<T, 8, 4>(sm.k[r], d, sqrt_c, one, packed_ok); break;
-        case 3: build_phi_row<T, 12, 4>(sm.k[r], d, sqrt_c, one, packed_ok); break;
-        default: build_phi_row<T, 16, 4>(sm.k[r], d, sqrt_c, one, packed_ok); break;
-      }
-    }
+    phi_tile(sm.k, tphik.base, n_valid, sqrt_c, packed_ok, tid);  // padding keys: all features 0
     float sc[2][4] = {}, pp[2][4] = {};  // s and P' of block (m, kt): rows 16m + g (+8), columns 16kt + 8i + 2t
     {
       uint32_t a[4], bb[4];
@@ -203,7 +197,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         *reinterpret_cast<float4*>(&sm.dqi[r][4 * part]) =
             make_float4(sqrt_c * jac[0], sqrt_c * jac[1], sqrt_c * jac[2], sqrt_c * jac[3]);
       }
-    } else if (warp == 8 && c + 1 < nchunks) {  // z after the chunk, from its keys' moments (padding keys: 0)
+    } else if (warp == 8 && c + 1 < c_end) {  // z after the chunk, from its keys' moments (padding keys: 0)
       if (!AK_MUTANT(bwd_forward_state_frozen)) {
         chunk_moments<T, false>(tk.base, nullptr, float(n_valid), sm.mom, L);
         add_moments(sm.z[zb ^ 1], sm.z[zb], sm.mom, sqrt_c, c1, tid & 31);
@@ -211,22 +205,10 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         for (int f = tid & 31; f < BCfg::kF; f += 32) sm.z[zb ^ 1][f] = sm.z[zb][f];
       }
     }
-    if (c + 1 < nchunks && !AK_MUTANT(bwd_forward_state_frozen)) {  // S += phi(K)^T V (this warp's features)
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        uint32_t a[4];
-        a_frag_t(a, tphik, 16 * ks, 16 * warp, L);
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t bb[4];
-          b_frag2_t(bb, tv, 16 * ks, 16 * np, L);
-          mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
-          mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
-        }
-      }
-    }
+    if (c + 1 < c_end && !AK_MUTANT(bwd_forward_state_frozen))
+      state_update<T>(s, tphik, tv, warp, L);  // S += phi(K)^T V (this warp's features)
     __syncthreads();  // inv, dden, the feature part of dq; every read of q, v, grad_o, phi(K) is done
-    if (c + 1 < nchunks) loads(c + 1, true, !need_dq);
+    if (c + 1 < c_end) loads(c + 1, true, !need_dq);
     if (!need_dq) {
       zb ^= 1;
       continue;
@@ -256,7 +238,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
               make_float2(d[i][2 * hf], d[i][2 * hf + 1]);
     }
     __syncthreads();
-    if (c + 1 < nchunks) loads(c + 1, false, true);
+    if (c + 1 < c_end) loads(c + 1, false, true);
 
     // ---- phase 4: dq = c (the row's block parts, key blocks in order) + the feature part ----
     if (tid < BCfg::kTokenThreads) {

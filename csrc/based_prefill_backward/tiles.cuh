@@ -20,6 +20,7 @@
 #include "../common/mutants.h"
 #include "../common/ptx.h"
 #include "based_prefill_backward.h"
+#include "split.h"
 
 namespace attn_kernels {
 namespace {
@@ -37,6 +38,18 @@ struct BCfg {
   static constexpr int kPhiElems = kChunk * kF;
 };
 static_assert(BCfg::kWarps * 16 == BCfg::kF, "one feature block per warp");
+
+// A segment launch's arguments (split.h): grid (B*H, nseg), segment blockIdx.y walks chunks [seg seg_chunks, ..);
+// sums: the workspace's slots of the segments' key or query sums (null when nseg = 1), one per (b, h) and
+// segment but one, each a state in S0's layout then z at kSlotZ.
+constexpr int kSlotZ = kCompactFeatures * kValueDim;
+struct SegmentArgs {
+  int nseg, seg_chunks;
+  float* sums;
+  __device__ __forceinline__ float* slot(int bh, int j) const {
+    return sums + (int64_t(bh) * (nseg - 1) + j) * kBwdSlotFloats;
+  }
+};
 
 // The chunk's 10 causal 16 x 16 blocks (query block m, key block kt <= m), numbered row by row.
 __device__ __forceinline__ void intra_block(int i, int& m, int& kt) {
@@ -156,6 +169,21 @@ __device__ __forceinline__ void store_state(const StateFrag& s, float* S, int wa
     }
 }
 
+// s += W, a state in S0's layout (153 x 64 floats): the sums a segment carries in (split.h).
+__device__ __forceinline__ void add_state(StateFrag& s, const float* W, int warp, const Lane& L) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int f = 16 * warp + L.g + 8 * hf, v = 8 * n + 2 * L.t;
+      if (f < kCompactFeatures) {
+        const float2 x = *reinterpret_cast<const float2*>(W + f * kValueDim + v);
+        s[n][2 * hf] += x.x;
+        s[n][2 * hf + 1] += x.y;
+      }
+    }
+}
+
 // The state's A fragment over values 16ks..16ks+15: bf16 (hi), and lo = bf16(S - hi) when kSplit.
 template <bool kSplit>
 __device__ __forceinline__ void state_a(const StateFrag& s, int ks, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
@@ -186,6 +214,44 @@ __device__ __forceinline__ void mma_state(float (&acc)[4], const uint32_t (&hi)[
   }
 }
 
+// S += phi(K)^T V, this warp's features (the forward sweep's state update; the key sums of a segment).
+template <typename T>
+__device__ __forceinline__ void state_update(StateFrag& s, const PhiTile& tphik, const RowTile<BCfg::kVP>& tv,
+                                             int warp, const Lane& L) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t a[4];
+    a_frag_t(a, tphik, 16 * ks, 16 * warp, L);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t bb[4];
+      b_frag2_t(bb, tv, 16 * ks, 16 * np, L);
+      mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+      mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
+// dS += phi(Q)^T dnum, dnum as hi + lo (tdn), this warp's features (the backward sweep's update; the query sums).
+template <typename T>
+__device__ __forceinline__ void dstate_update(StateFrag& ds, const PhiTile& tphiq, const RowTile<BCfg::kVP> (&tdn)[2],
+                                              int warp, const Lane& L) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t a[4];
+    a_frag_t(a, tphiq, 16 * ks, 16 * warp, L);
+#pragma unroll
+    for (int np = 0; np < 4; ++np)
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {
+        uint32_t bb[4];
+        b_frag2_t(bb, tdn[part], 16 * ks, 16 * np, L);
+        mma_16816<T>(ds[2 * np], a, bb[0], bb[1]);
+        mma_16816<T>(ds[2 * np + 1], a, bb[2], bb[3]);
+      }
+  }
+}
+
 // ---- chunk loads ------------------------------------------------------------------------------------------
 
 // cp.async of rows t0..t0+63 (kCols 16-bit values each, src row stride sn) into a tile; rows past n_valid, or
@@ -198,6 +264,47 @@ __device__ __forceinline__ void load_rows(T (&dst)[BCfg::kChunk][kPitch], const 
     const int r = u / kUnits, c = (u % kUnits) * 8;
     const bool ok = src != nullptr && r < n_valid;
     cp_async16(saddr(&dst[r][c]), ok ? static_cast<const void*>(src + (t0 + r) * sn + c) : any, ok);
+  }
+}
+
+// phi of a chunk's 16-wide rows into a phi_off tile: row tid % 64, feature groups 4 (tid / 64)..; rows at or past
+// `ones` keep no constant feature (all 0: padding keys), the others all of them.
+template <typename T>
+__device__ __forceinline__ void phi_tile(const T (&x)[BCfg::kChunk][BCfg::kQKP], uint32_t phi, int ones, float sqrt_c,
+                                         bool packed_ok, int tid) {
+  const int r = tid & 63;
+  const PhiRowDst d(phi, r);
+  const float one = r < ones ? 1.f : 0.f;
+  switch (tid >> 6) {
+    case 0: build_phi_row<T, 0, 4>(x[r], d, sqrt_c, one, packed_ok); break;
+    case 1: build_phi_row<T, 4, 4>(x[r], d, sqrt_c, one, packed_ok); break;
+    case 2: build_phi_row<T, 8, 4>(x[r], d, sqrt_c, one, packed_ok); break;
+    case 3: build_phi_row<T, 12, 4>(x[r], d, sqrt_c, one, packed_ok); break;
+    default: build_phi_row<T, 16, 4>(x[r], d, sqrt_c, one, packed_ok); break;
+  }
+}
+
+// dnum = grad_o * inv as T hi + lo into two tiles (lo = fl(dnum - hi)); inv from the forward sweep's workspace
+// (rows past n_valid: 0), or 1 without normalize (ws_inv null; grad_o's padding rows are 0).
+template <typename T>
+__device__ __forceinline__ void build_dnum(T (&dnum)[2][BCfg::kChunk][BCfg::kVP], const T (&go)[BCfg::kChunk][BCfg::kVP],
+                                           const float* ws_inv, int64_t t0, int n_valid, int tid) {
+  for (int u = tid; u < BCfg::kChunk * 8; u += BCfg::kThreads) {
+    const int r = u >> 3, col = 8 * (u & 7);
+    const float inv = ws_inv ? (r < n_valid ? ws_inv[t0 + r] : 0.f) : 1.f;
+    const uint4 x = *reinterpret_cast<const uint4*>(&go[r][col]);
+    const uint32_t xi[4] = {x.x, x.y, x.z, x.w};
+    uint32_t hi[4], lo[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = unpack2<T>(xi[j]);
+      const float d0 = f.x * inv, d1 = f.y * inv;
+      hi[j] = pack2<T>(d0, d1);
+      const float2 h = unpack2<T>(hi[j]);
+      lo[j] = pack2<T>(d0 - h.x, d1 - h.y);  // exact differences (Sterbenz)
+    }
+    *reinterpret_cast<uint4*>(&dnum[0][r][col]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    *reinterpret_cast<uint4*>(&dnum[1][r][col]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
   }
 }
 

@@ -56,6 +56,9 @@
 #define AK_MUTANT_bwd_dden_dropped 43     // normalize: the denominator's gradient dden taken as 0
 #define AK_MUTANT_bwd_grad_state_ignored 44  // the gradient into the returned S (grad_S) ignored
 #define AK_MUTANT_bwd_square_vjp 45       // the square features' derivative a/sqrt(2) instead of sqrt(2) a
+#define AK_MUTANT_bwd_split_forward_carry 50   // split: a segment's forward sweep ignores the earlier segments' key sums
+#define AK_MUTANT_bwd_split_backward_carry 51  // split: a segment's backward sweep ignores the later segments' dS, dz
+#define AK_MUTANT_bwd_split_scan_skipped 52    // split: the segments' sums never scanned (only the neighbour's carried)
 // the binding (csrc/binding.cpp)
 #define AK_MUTANT_binding_v_stride 46      // v's head stride taken from a contiguous layout
 #define AK_MUTANT_binding_state_dtype 47   // a bfloat16 initial state dropped (read as zeros)
