@@ -5,6 +5,7 @@ the kernel-faithful comparator and the state's promise) and tests/state_model.py
 - ``randn``: fresh random inputs (never zeros), optionally laid out (B, N, H, D) and passed as the
   (B, H, N, D) transposed view, the layout models hold them in.
 - ``prior_state``: a Based state summed over random earlier tokens, for initial-state cases.
+- ``bwd_split``: where based_prefill_backward's kernels cut a sequence into segments (split.h's mirror).
 - ``poison_allocator``: fills the CUDA caching allocator's next blocks with NaN, so an output element the
   kernel fails to write shows up as NaN (``assert_written``).
 - ``assert_close_rule``: flash-attn's rule, row by row — for every output row (token, head), the error against
@@ -47,6 +48,16 @@ def prior_state(B: int, H: int, device, dtype=torch.float32, tokens: int = 24):
     v = torch.randn(B, H, tokens, 64, device=device, dtype=torch.float64)
     phi = ref.feature_map_compact(k, 0.25)
     return (phi.transpose(-1, -2) @ v).to(dtype), phi.sum(-2).to(dtype)
+
+
+def bwd_split(B: int, H: int, N: int, num_sms: int) -> tuple[int, int]:
+    """(segments, chunks per segment) of based_prefill_backward's sequence-parallel path: a mirror of
+    csrc/based_prefill_backward/split.h's bwd_choose_split (tests/test_based_prefill_backward.py checks the two
+    agree), so that a GPU test knows which of its shapes split and where the segments begin."""
+    bh, nchunks, target = B * H, -(-N // 64), 2 * max(num_sms, 1)
+    nseg = max(1, min(1 if bh >= target else target // bh, nchunks // 8))
+    seg_chunks = -(-nchunks // nseg)
+    return -(-nchunks // seg_chunks), seg_chunks
 
 
 def poison_allocator(*numels_bytes: int, copies: int = 4) -> None:

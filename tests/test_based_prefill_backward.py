@@ -2,11 +2,16 @@
 finite differences of the forward in float64 (torch.autograd.gradcheck), through the returned state too;
 torch.library's own checks (opcheck) and torch.compile of forward + backward; the backward op's argument
 checks. The CUDA kernel's tests: test_based_prefill_backward_cuda.py."""
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 import attn_kernels as ak
 from attn_kernels import _library
+from harness import bwd_split
 
 F64 = dict(dtype=torch.float64)
 
@@ -150,3 +155,44 @@ def test_reference_vjp_equals_autograd_through_the_quadratic_form(init, normaliz
     # 2e-16 - 8e-16); 1e-12 leaves room for longer sums and catches any missing term.
     for a, b in zip([g for g in got if g is not None], want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+SPLIT_PROGRAM = r"""
+#include <cstdio>
+#include "based_prefill_backward/split.h"
+using namespace attn_kernels;
+int main() {
+  const int sms[] = {1, 78, 114, 132, 144};
+  const int bhs[][2] = {{1, 1}, {1, 2}, {2, 3}, {1, 16}, {4, 16}, {2, 66}, {16, 16}, {1, 263}, {1, 264}, {3, 100}};
+  const int ns[] = {1, 63, 64, 65, 511, 512, 513, 1000, 1600, 4097, 20000, 32768, 65536, 1 << 20};
+  for (int s : sms)
+    for (auto& bh : bhs)
+      for (int n : ns) {
+        const BwdSplit sp = bwd_choose_split(bh[0], bh[1], n, s);
+        std::printf("%d %d %d %d %d %d %zu\n", bh[0], bh[1], n, s, sp.nseg, sp.seg_chunks,
+                    bwd_sums_floats(bh[0], bh[1], sp));
+      }
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_split_rule_python_mirror_equals_the_kernels(tmp_path):
+    """harness.bwd_split (what the GPU tests use to pick split shapes and segment bounds) is the launcher's
+    rule (csrc/based_prefill_backward/split.h, compiled here without CUDA); every segment is non-empty, at
+    least 8 chunks unless the sequence is shorter, and the B*H*segments CTAs stay within about two waves."""
+    root = Path(__file__).resolve().parents[1]
+    src, exe = tmp_path / "split.cpp", tmp_path / "split"
+    src.write_text(SPLIT_PROGRAM)
+    subprocess.run([shutil.which("g++"), "-std=c++17", "-Wall", "-Werror", f"-I{root / 'csrc'}", str(src), "-o",
+                    str(exe)], check=True, capture_output=True, text=True)
+    rows = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert len(rows) == 5 * 10 * 14
+    for row in rows:
+        B, H, N, sms, nseg, seg_chunks, floats = map(int, row.split())
+        assert (nseg, seg_chunks) == bwd_split(B, H, N, sms), row
+        nchunks = -(-N // 64)
+        assert (nseg - 1) * seg_chunks < nchunks <= nseg * seg_chunks, row  # no empty segment
+        assert nseg == 1 or (seg_chunks >= 8 and B * H * nseg <= 2 * sms), row
+        assert floats == (B * H * (nseg - 1) * (153 * 64 + 160) if nseg > 1 else 0), row

@@ -15,14 +15,23 @@ import torch
 
 import attn_kernels as ak
 from attn_kernels.reference_backward import based_vjp
-from harness import DTYPE_IDS, assert_close_rule, nbytes, poison_allocator, prior_state, randn, requires_cuda
+from harness import (DTYPE_IDS, assert_close_rule, bwd_split, nbytes, poison_allocator, prior_state, randn,
+                     requires_cuda)
 
 pytestmark = requires_cuda
 
 NAMES = ("dq", "dk", "dv", "dS0", "dz0")
 ALL = (True, True, True, True, True)
-# (B, H, N): one token, ragged lengths around the 64-token chunk, long ones, several B*H.
+# (B, H, N): one token, ragged lengths around the 64-token chunk, long ones, several B*H (on an H100's 132 SMs
+# (1, 4, 1000) and (1, 2, 4097) take the sequence-parallel path, harness.bwd_split).
 SHAPES = [(1, 1, 1), (2, 3, 63), (2, 3, 65), (1, 4, 1000), (1, 2, 4097), (3, 8, 130)]
+# Shapes the split cuts into >= 3 segments on any GPU of >= 9 SMs (checked in the test): 2 x 3 heads, 65 chunks
+# (132 SMs: 8 segments, the last ragged, its last chunk one token); 2 heads of 20000 tokens (issue 15's length).
+SPLIT_SHAPES = [(2, 3, 4097), (1, 2, 20000)]
+
+
+def num_sms():
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def make(B, H, N, dtype, transposed=False, init=True, grad_state=True):
@@ -41,7 +50,17 @@ def run(q, k, v, go, init, gstate, normalize=True, needs=ALL, scale=None, eps=1e
 
 
 def references(q, k, v, go, init, gstate, normalize, scale=None, eps=1e-6):
-    """(ref64, lowp): based_vjp in float64 and in the input dtype, from the same inputs."""
+    """(ref64, lowp): based_vjp in float64 and in the input dtype, from the same inputs. based_vjp is quadratic
+    in N: a long sequence runs one head at a time (N = 20000: ~20 GB of float64 N x N matrices per head)."""
+    B, H, N = q.shape[:3]
+    if N > 4100 and B * H > 1:
+        heads = [references(*(None if t is None else t[b:b + 1, h:h + 1] for t in (q, k, v, go)),
+                            None if init is None else tuple(t[b:b + 1, h:h + 1] for t in init),
+                            None if gstate is None else tuple(t[b:b + 1, h:h + 1] for t in gstate),
+                            normalize, scale, eps) for b in range(B) for h in range(H)]
+        join = lambda gs: None if gs[0] is None else torch.cat(gs).unflatten(0, (B, H)).squeeze(2)  # noqa: E731
+        return tuple(tuple(join([hd[i][j] for hd in heads]) for j in range(5)) for i in range(2))
+
     def vjp(dt):
         cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
         gS, gz = (None, None) if gstate is None else gstate
@@ -77,6 +96,49 @@ def test_matrix(B, H, N, dtype, transposed, normalize, init):
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("B,H,N", [pytest.param(*s, id=f"B{s[0]}-H{s[1]}-N{s[2]}") for s in SPLIT_SHAPES])
+def test_split_matrix(B, H, N, dtype, normalize):
+    """Few heads, long N: the sequence-parallel path (segments carried the earlier segments' key sums forward and
+    the later segments' query sums backward, scanned). Every gradient against the rule, NaN-poisoned outputs;
+    the rows of every segment are held to their own magnitude, so a segment that misses a carry fails."""
+    assert bwd_split(B, H, N, num_sms())[0] >= 3, "not the split path (with its scans) on this GPU"
+    q, k, v, go, init_state, gstate = make(B, H, N, dtype, transposed=True)
+    poison_allocator(nbytes(B, H, N, 16, dtype=dtype), nbytes(B, H, N, 64, dtype=dtype),
+                     nbytes(B, H, 153, 64, dtype=torch.float32), nbytes(B, H, 153, dtype=torch.float32))
+    grads = run(q, k, v, go, init_state, gstate, normalize)
+    check(grads, q, k, v, go, init_state, gstate, normalize)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_split_agrees_with_unsplit(dtype, normalize):
+    """The same 2 heads split (alone) and unsplit (among enough copies of them to fill the GPU: one segment).
+    Both within the rule; bitwise where the arithmetic is the same: dq of the first segment (its forward sweep
+    starts from S0 either way) and, without normalize (dnum = grad_o, dden = 0), dk and dv of the last segment
+    (its backward sweep starts from grad_S either way). Elsewhere the split only reorders float32 sums."""
+    B, H, N = 1, 2, 4097
+    nseg, seg_chunks = bwd_split(B, H, N, num_sms())
+    copies = -(-2 * num_sms() // H)
+    assert nseg >= 3 and bwd_split(B, H * copies, N, num_sms())[0] == 1
+    q, k, v, go, init_state, gstate = make(B, H, N, dtype)
+    split = run(q, k, v, go, init_state, gstate, normalize)
+    many = lambda t: t.repeat(1, copies, *([1] * (t.dim() - 2)))  # noqa: E731
+    full = run(many(q), many(k), many(v), many(go), tuple(map(many, init_state)), tuple(map(many, gstate)),
+               normalize)
+    unsplit = tuple(t[:, :H] for t in full)
+    ref64, lowp = references(q, k, v, go, init_state, gstate, normalize)
+    for name, a, b, r64, rl in zip(NAMES, split, unsplit, ref64, lowp):
+        assert_close_rule(f"{name} split", a, r64, rl)
+        assert_close_rule(f"{name} unsplit", b, r64, rl)
+    first, last = seg_chunks * 64, (nseg - 1) * seg_chunks * 64
+    assert torch.equal(split[0][:, :, :first], unsplit[0][:, :, :first]), "dq, first segment"
+    if not normalize:
+        assert torch.equal(split[1][:, :, last:], unsplit[1][:, :, last:]), "dk, last segment"
+        assert torch.equal(split[2][:, :, last:], unsplit[2][:, :, last:]), "dv, last segment"
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
 def test_without_gradient_into_the_state(normalize):
     q, k, v, go, init_state, _ = make(2, 3, 200, torch.bfloat16)
     check(run(q, k, v, go, init_state, None, normalize), q, k, v, go, init_state, None, normalize)
@@ -89,15 +151,17 @@ def test_scale_and_eps(scale, eps):
           scale=scale, eps=eps)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 130), (1, 2, 1600)], ids=["B2-H3-N130", "B1-H2-N1600-split"])
 @pytest.mark.parametrize("needs", [(True, False, False, False, False), (False, True, False, False, False),
                                    (False, False, True, False, False), (False, False, False, True, False),
                                    (False, False, False, False, True), (False, True, True, False, True)],
                          ids=["dq", "dk", "dv", "dS0", "dz0", "dk-dv-dz0"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "num"])
-def test_needs_mask(needs, normalize):
+def test_needs_mask(needs, normalize, shape):
     """Gradients not needed come back empty; the needed ones are bitwise those of the full call (the same
-    arithmetic: a sweep or step that is skipped never feeds another gradient)."""
-    q, k, v, go, init_state, gstate = make(2, 3, 130, torch.bfloat16)
+    arithmetic: a sweep or step that is skipped never feeds another gradient; split: dS0, dz0 alone skip every
+    segment's backward sweep but the first)."""
+    q, k, v, go, init_state, gstate = make(*shape, torch.bfloat16)
     full = run(q, k, v, go, init_state, gstate, normalize)
     part = run(q, k, v, go, init_state, gstate, normalize, needs=needs)
     for name, a, b, n in zip(NAMES, part, full, needs):
@@ -112,19 +176,21 @@ def test_nothing_needed_gives_empty_outputs():
     assert all(t.numel() == 0 for t in run(q, k, v, go, init_state, gstate, needs=(False,) * 5))
 
 
-def test_bitwise_deterministic():
-    """No atomics: 20 runs give the same bits (a long sequence, many heads)."""
-    q, k, v, go, init_state, gstate = make(2, 4, 1100, torch.bfloat16, transposed=True)
+@pytest.mark.parametrize("shape", [(2, 4, 1100), (1, 2, 4097)], ids=["B2-H4-N1100", "B1-H2-N4097-split"])
+def test_bitwise_deterministic(shape):
+    """No atomics: 20 runs give the same bits (a long sequence, many heads; the split path's sums and scans)."""
+    q, k, v, go, init_state, gstate = make(*shape, torch.bfloat16, transposed=True)
     first = run(q, k, v, go, init_state, gstate)
     for _ in range(20):
         for name, a, b in zip(NAMES, run(q, k, v, go, init_state, gstate), first):
             assert torch.equal(a, b), name
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("shape", [(2, 2, 300), (1, 2, 1600)], ids=["B2-H2-N300", "B1-H2-N1600-split"])
+def test_cuda_graph_capture_and_replay(shape):
     """The backward captures into a CUDA graph (current stream, no sync, workspace from the allocator) and
-    replays on new input values, bitwise equal to eager calls."""
-    q, k, v, go, init_state, gstate = make(2, 2, 300, torch.float16)
+    replays on new input values, bitwise equal to eager calls (split: 3 segments, their sums and scans)."""
+    q, k, v, go, init_state, gstate = make(*shape, torch.float16)
     run(q, k, v, go, init_state, gstate)  # warm-up (function attributes) outside capture
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
