@@ -2,7 +2,7 @@
 // the forward (64 tokens), O(N) memory, deterministic (no atomics: every sum has one owner and a fixed order).
 //
 // What the forward saves: q, k, v and the initial state (S0, z0); everything else is recomputed. Two kernels,
-// one CTA of 10 warps per (b, h) each, walking the head's chunks with a float32 running state (160 features,
+// one CTA of 10 warps per (b, h) (or per segment of it, below) each, walking the head's chunks with a float32 running state (160 features,
 // the 153 compact ones padded, x 64 values) in registers: warp w owns features 16w..16w+15 as mma.sync
 // accumulators, and the chunk's causal block w (the 10 blocks of 16 x 16 on and below the diagonal).
 //   forward sweep  (c = 0, 1, ...; S, z from S0, z0): per chunk den = rowsum A + phi(Q) z and
@@ -17,6 +17,17 @@
 // The `needs` mask arrives as null output pointers: no sweep, and no step inside one, runs for a gradient
 // nobody needs.
 //
+// Sequence-parallel split (small B*H, split.h; like the forward's): each (b, h)'s chunks are cut into nseg
+// segments and each sweep runs one CTA per (b, h, segment). No decay, so the carried states are plain sums:
+//   key sums (segment_sums.cuh, segments 0..nseg-2): a segment's own S, z sums; scanned to prefixes, the forward
+//     sweep of segment s starts from S0 + segments 0..s-1 (then writes inv, dden of its tokens);
+//   query sums (after the forward sweep: dnum needs inv; segments 1..nseg-1): a segment's own dS, dz sums;
+//     scanned to suffixes, the backward sweep of segment s starts from grad_S + segments s+1..; dS0, dz0 are
+//     segment 0's. The forward sweep has neither phi(Q) as a tile nor dnum as hi + lo, and 32 more accumulators
+//     would spill it (168 registers): a separate pass, with the backward sweep's own update code, is cheaper.
+// Every sum has one owner and a fixed order (no atomics); nseg = 1 is the unsplit sweeps, unchanged. The sums
+// share one workspace region (the query sums overwrite the key sums, read before).
+//
 // Products: mma.sync m16n8k16, float32 accumulators. Chunk operands (q, k, v, grad_o, phi, A, ds) in the input
 // dtype, dnum as input-dtype hi + lo; a state operand (S, dS) as bf16 (it can exceed fp16's range), for fp16
 // inputs bf16 hi + lo with the other operand split too (~16-bit operands, the forward's v3 scheme), and dS in
@@ -28,6 +39,8 @@
 //   token_pass.cuh     the per-token feature sums and Jacobian
 //   forward_sweep.cuh  the forward sweep
 //   backward_sweep.cuh the backward sweep
+//   segment_sums.cuh   the split path's segment sums and their scan
+//   split.h            the split decision and the workspace's sums (plain C++)
 //   this file          the launcher
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,7 +56,6 @@ namespace {
 
 static_assert(kBwdChunk == BCfg::kChunk && kBwdSlotFloats == kSlotZ + BCfg::kF, "split.h's sizes");
 
-bool backward_sweep_runs(const BasedPrefillBackwardParams& p) { return p.dk || p.dv || p.dS0 || p.dz0; }
 bool forward_sweep_runs(const BasedPrefillBackwardParams& p) {
   return p.dq || (p.normalize && backward_sweep_runs(p));
 }

@@ -48,7 +48,8 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const T* gog = p.grad_o ? static_cast<const T*>(p.grad_o) + b * p.go_sb + h * p.go_sh : nullptr;
   T* dqg = p.dq ? static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh : nullptr;
   const int64_t tokens = int64_t(p.B) * p.H * p.N;
-  float* ws_inv = (p.workspace && p.normalize) ? p.workspace + int64_t(bh) * p.N : nullptr;
+  // inv, dden for the backward sweep (where it runs: else the workspace holds only the split's sums, if any)
+  float* ws_inv = (p.normalize && backward_sweep_runs(p)) ? p.workspace + int64_t(bh) * p.N : nullptr;
   float* ws_dden = ws_inv ? ws_inv + tokens : nullptr;
   const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
   const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // feature_map.cuh's packed path

@@ -39,6 +39,10 @@ struct BCfg {
 };
 static_assert(BCfg::kWarps * 16 == BCfg::kF, "one feature block per warp");
 
+__host__ __device__ __forceinline__ bool backward_sweep_runs(const BasedPrefillBackwardParams& p) {
+  return p.dk || p.dv || p.dS0 || p.dz0;
+}
+
 // A segment launch's arguments (split.h): grid (B*H, nseg), segment blockIdx.y walks chunks [seg seg_chunks, ..);
 // sums: the workspace's slots of the segments' key or query sums (null when nseg = 1), one per (b, h) and
 // segment but one, each a state in S0's layout then z at kSlotZ.
