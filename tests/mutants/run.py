@@ -245,10 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in failed:
             print(f"--- {name}\n{built[name][1]}")
         return 1 if failed else 0
+    def judge_and_say(m: Mutant) -> Verdict:  # each verdict printed as it comes (a cut-off run keeps them)
+        v = judge(m, *built[m.name])
+        print(f"{v.mutant.name:<32} {'KILLED by ' + v.killed_by if v.killed_by else 'SURVIVED ' + v.detail[:300]}"
+              f" ({v.seconds:.0f} s)", flush=True)
+        return v
+
     with cf.ThreadPoolExecutor(args.parallel_tests) as pool:
-        verdicts = list(pool.map(lambda m: judge(m, *built[m.name]), mutants))
-    for v in verdicts:
-        print(f"{v.mutant.name:<32} {'KILLED by ' + v.killed_by if v.killed_by else 'SURVIVED ' + v.detail[:300]}")
+        verdicts = list(pool.map(judge_and_say, mutants))
     write_report(Path(args.report), verdicts, clean, time.time() - t0)
     print(f"report: {args.report}")
     return 0 if all(v.killed_by is not None for v in verdicts) else 1
