@@ -69,6 +69,20 @@ def test_many_heads_and_sequences():
     run_dense(8, 16, 300, 64, 64, torch.float16, strided=True)
 
 
+OFF_GRID = [pytest.param(2, 3, 1000, W, e, dtype, id=case_id(2, 3, 1000, W, e, dtype, "bnhd"))
+            for W in (17, 100, 255) for e, dtype in ((64, torch.bfloat16), (128, torch.float16))]
+
+
+@requires_cuda
+@pytest.mark.parametrize("B,H,N,W,e,dtype", OFF_GRID)
+def test_windows_off_the_sub_block_grid(B, H, N, W, e, dtype):
+    """More window lengths for the per-warp sub-block skip (a warp skips the 16-key sub-blocks masked for all
+    its rows, masks element by element only those its diagonal or window edge crosses): 17, 100, 255 besides
+    the matrix's 1, 16, 63, 64, 256; N = 1000 ends inside the third warp of the last query block, the fourth
+    has no row."""
+    run_dense(B, H, N, W, e, dtype, strided=True)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("N,W,e", [(65, 1, 64), (1000, 16, 64), (1000, 63, 128), (4097, 64, 64),

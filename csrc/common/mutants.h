@@ -48,6 +48,7 @@
 #define AK_MUTANT_swp_varlen_boundary 36   // keys of the previous packed sequence are attended
 #define AK_MUTANT_swp_fully_masked_nan 37  // a row whose keys so far are all masked gives NaN (no -inf guard)
 #define AK_MUTANT_swp_bad_index_computed 38  // an out-of-range cache index gives computed outputs, not NaN
+#define AK_MUTANT_swp_subblock_skip_off_by_one 53  // a warp also skips the oldest 16-key sub-block its window reaches
 // based_prefill_backward
 #define AK_MUTANT_bwd_causal_diag 39      // the backward's causal mask drops the diagonal (A, ds: key < query)
 #define AK_MUTANT_bwd_tail_dropped 40     // both sweeps skip the last partial chunk of 64 tokens

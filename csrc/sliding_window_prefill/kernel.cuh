@@ -4,6 +4,10 @@
 // forward with mma.sync m16n8k16). Query block [i0, i0 + 63] of a sequence starting at `start` needs
 // keys [k_lo, i0 + 63] with k_lo = max(start, i0 - W + 1): the CTA visits exactly those keys, in tiles
 // of 64 starting at k_lo (at most ceil((W + 63) / 64) tiles), so work and reads per query are O(W).
+// Each warp then skips, in a tile, every 16-key sub-block that is masked for all 16 of its rows (its
+// QK^T, exp2 and PV: 3 of 20 sub-blocks at W = 256, 3 of 8 at W = 64), and masks element by element
+// only the sub-blocks that straddle its diagonal or its window's trailing edge; the skipped work only
+// ever added exact zeros, so the output is what computing it gives.
 // K / V tiles go through shared memory with cp.async (double-buffered) and are read with ldmatrix
 // (V transposed); Q stays in registers. Softmax is online, in float32, in log2 units (scale * log2(e)
 // folded into one multiply before exp2f). Masked scores are -inf; a row whose keys so far are all
@@ -81,7 +85,10 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
   T* og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  // The warp index through a shuffle: ptxas then knows it is warp-uniform, and the sub-block branches
+  // below need no reconvergence barriers.
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0);
+  const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const uint32_t sQ = saddr(smem), sK = sQ + C::kTileBytes, sV = sK + 2 * C::kTileBytes;
 
   // Output staging (the Q tile's place; each warp reuses only its own 16 rows) and the 16-byte stores.
@@ -129,6 +136,15 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
   float oacc[kE / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
 
+  // This warp's rows [qw, qw + 15] attend keys [key_lo, key_hi] at most (rows past the end none: keys
+  // are >= 0, so key_hi = -1 skips everything). A 16-key sub-block outside that range is masked for all
+  // 16 rows: its QK^T, exp2 and PV are skipped (they would only add exact zeros: max with -inf, l + 0,
+  // P = 0), so the output is bitwise what computing it gives. A sub-block inside for every row ("full")
+  // needs no per-element mask.
+  const int qw = i0 + 16 * warp;
+  const int key_lo = qw - reach + 1 + (AK_MUTANT(swp_subblock_skip_off_by_one) ? 16 : 0);
+  const int key_hi = qw < q_hi ? min(qw + 15, q_hi - 1) : -1;
+
   for (int t = ntiles - 1, buf = 0; t >= t_end; --t, buf ^= 1) {
     if (t > t_end) {  // prefetch the next tile (one key block lower) into the other buffer
       const int r0 = k_lo + (t - 1) * C::kBlockN;
@@ -143,69 +159,93 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
       for (int kc = 0; kc < kE / 16; ++kc) ldsm4(qf[kc], sQ + tile_off<kE>(16 * warp + lane % 16, 2 * kc + lane / 16));
     }
     const uint32_t tK = sK + buf * C::kTileBytes, tV = sV + buf * C::kTileBytes;
-
-    // S = Q K^T: 8 n-tiles of 8 keys.
-    float s[8][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < kE / 16; ++kc) {
+    const int kt0 = k_lo + t * C::kBlockN;  // every key of a tile is >= k_lo >= start
+    // Warp-uniform: sub-block pp (keys kt0 + 16 pp + [0, 15]) is needed / needs no mask.
+    auto needed = [&](int pp) { return kt0 + 16 * pp + 15 >= key_lo && kt0 + 16 * pp <= key_hi; };
+    auto full = [&](int pp) { return kt0 + 16 * pp + 15 <= qw && kt0 + 16 * pp > qw + 15 - reach; };
+    if (needed(0) || needed(1) || needed(2) || needed(3)) {  // else: alpha = 1 (or 0 on zeros), no change
+      // S = Q K^T: 8 n-tiles of 8 keys, two per sub-block (each accumulator sums kc in the same order).
+      float s[8][4] = {};
 #pragma unroll
       for (int pp = 0; pp < 4; ++pp) {
-        uint32_t kb[4];
-        ldsm4(kb, tK + tile_off<kE>(16 * pp + lane % 8 + (lane / 16) * 8, 2 * kc + (lane / 8) % 2));
-        mma_16816<T>(s[2 * pp], qf[kc], kb[0], kb[1]);
-        mma_16816<T>(s[2 * pp + 1], qf[kc], kb[2], kb[3]);
-      }
-    }
-
-    // Mask (causality, window; every key of a tile is >= k_lo >= start), scale, online softmax.
-    const int kt0 = k_lo + t * C::kBlockN;
+        if (!needed(pp)) continue;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int qi = i0 + 16 * warp + g + 8 * r;
-      float mx = m[r];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kj = kt0 + 8 * j + 2 * tq + e;
-          const bool ok = kj <= qi && kj > qi - reach;
-          s[j][2 * r + e] = ok ? s[j][2 * r + e] * sl : -INFINITY;
-          mx = fmaxf(mx, s[j][2 * r + e]);
+        for (int kc = 0; kc < kE / 16; ++kc) {
+          uint32_t kb[4];
+          ldsm4(kb, tK + tile_off<kE>(16 * pp + lane % 8 + (lane / 16) * 8, 2 * kc + (lane / 8) % 2));
+          mma_16816<T>(s[2 * pp], qf[kc], kb[0], kb[1]);
+          mma_16816<T>(s[2 * pp + 1], qf[kc], kb[2], kb[3]);
         }
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = (mx == -INFINITY && !AK_MUTANT(swp_fully_masked_nan)) ? 0.f : mx;
-      const float alpha = exp2f(m[r] - base);
-      m[r] = mx;
-      l[r] *= alpha;
+
+      // Mask (causality, window), scale, running max of rows g and g + 8.
+      float mx[2] = {m[0], m[1]};
 #pragma unroll
-      for (int n = 0; n < kE / 8; ++n) {
-        oacc[n][2 * r] *= alpha;
-        oacc[n][2 * r + 1] *= alpha;
-      }
+      for (int pp = 0; pp < 4; ++pp) {
+        if (!needed(pp)) continue;
+        if (full(pp)) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+          for (int j = 2 * pp; j < 2 * pp + 2; ++j) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[j][2 * r + e] = exp2f(s[j][2 * r + e] - base);
-          l[r] += s[j][2 * r + e];
+            for (int i = 0; i < 4; ++i) {
+              s[j][i] *= sl;
+              mx[i / 2] = fmaxf(mx[i / 2], s[j][i]);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 2 * pp; j < 2 * pp + 2; ++j) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int qi = qw + g + 8 * (i / 2), kj = kt0 + 8 * j + 2 * tq + i % 2;
+              s[j][i] = kj <= qi && kj > qi - reach ? s[j][i] * sl : -INFINITY;
+              mx[i / 2] = fmaxf(mx[i / 2], s[j][i]);
+            }
+          }
         }
       }
-    }
+      float base[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        base[r] = (mx[r] == -INFINITY && !AK_MUTANT(swp_fully_masked_nan)) ? 0.f : mx[r];
+        const float alpha = exp2f(m[r] - base[r]);
+        m[r] = mx[r];
+        l[r] *= alpha;
+#pragma unroll
+        for (int n = 0; n < kE / 8; ++n) {
+          oacc[n][2 * r] *= alpha;
+          oacc[n][2 * r + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int pp = 0; pp < 4; ++pp) {
+        if (!needed(pp)) continue;
+#pragma unroll
+        for (int j = 2 * pp; j < 2 * pp + 2; ++j) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            s[j][i] = exp2f(s[j][i] - base[i / 2]);
+            l[i / 2] += s[j][i];
+          }
+        }
+      }
 
-    // O += P V: P's accumulators repacked as A fragments, V read transposed.
+      // O += P V: P's accumulators repacked as A fragments, V read transposed.
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int kk = 0; kk < 4; ++kk) {
+        if (!needed(kk)) continue;
+        const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-      for (int pp = 0; pp < kE / 16; ++pp) {
-        uint32_t vb[4];
-        ldsm4_t(vb, tV + tile_off<kE>(16 * kk + lane % 8 + ((lane / 8) % 2) * 8, 2 * pp + lane / 16));
-        mma_16816<T>(oacc[2 * pp], pa, vb[0], vb[1]);
-        mma_16816<T>(oacc[2 * pp + 1], pa, vb[2], vb[3]);
+        for (int pp = 0; pp < kE / 16; ++pp) {
+          uint32_t vb[4];
+          ldsm4_t(vb, tV + tile_off<kE>(16 * kk + lane % 8 + ((lane / 8) % 2) * 8, 2 * pp + lane / 16));
+          mma_16816<T>(oacc[2 * pp], pa, vb[0], vb[1]);
+          mma_16816<T>(oacc[2 * pp + 1], pa, vb[2], vb[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it
