@@ -64,6 +64,40 @@ def test_setup_refuses_an_unknown_mutant_name():
     assert res.returncode != 0 and "is not in csrc/common/mutants.h" in res.stderr
 
 
+def _setup_functions() -> dict:
+    """setup.py's helpers without running setup(): its source up to the module-level build."""
+    code = (ROOT / "setup.py").read_text().split("\next_modules, cmdclass =")[0]
+    space = {"__file__": str(ROOT / "setup.py"), "__name__": "attn_kernels_setup"}
+    exec(compile(code, str(ROOT / "setup.py"), "exec"), space)
+    return space
+
+
+OP_DIRS = {"prefill": "based_prefill", "decode": "based_decode", "swd": "sliding_window_decode",
+           "swp": "sliding_window_prefill", "bwd": "based_prefill_backward", "binding": None}
+
+
+@pytest.mark.parametrize("name", [m.name for m in run.catalog()])
+def test_a_mutant_build_compiles_the_sources_that_use_it_and_links_the_rest(name, tmp_path, monkeypatch):
+    """ATTN_KERNELS_MUTANT_OBJECTS: the mutant's own source is compiled (never linked unmutated: that build would
+    be the clean kernel), every other source's object comes from the unmutated build."""
+    setup = _setup_functions()
+    sources = ["csrc/binding.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*/*.cu"))
+    for src in sources:
+        obj = tmp_path / (os.path.splitext(src)[0] + ".o")
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.touch()
+    monkeypatch.setenv("ATTN_KERNELS_MUTANT", name)
+    monkeypatch.setenv("ATTN_KERNELS_MUTANT_OBJECTS", str(tmp_path))
+    compiled, linked = setup["_mutated_sources"](sources)
+    op_dir = OP_DIRS[name.split("_", 1)[0]]
+    own = "csrc/binding.cpp" if op_dir is None else f"csrc/{op_dir}/{op_dir}.cu"
+    assert own in compiled
+    rest = [src for src in sources if src not in compiled]
+    assert linked == [str(tmp_path / (os.path.splitext(src)[0] + ".o")) for src in rest]
+    monkeypatch.delenv("ATTN_KERNELS_MUTANT_OBJECTS")
+    assert setup["_mutated_sources"](sources) == (sources, [])
+
+
 def test_first_failure_is_the_first_failed_or_errored_test():
     out = ("....F\n=== short test summary info ===\n"
            "FAILED tests/test_based_prefill.py::test_matrix[B2-H3-N65-bf16-bhnd-norm-s0] - AssertionError: o\n"

@@ -215,12 +215,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
         float d[2][4] = {};
         mma_16816<T>(d[0], a, bb[0], bb[1]);
         mma_16816<T>(d[1], a, bb[2], bb[3]);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf)
-            *reinterpret_cast<float2*>(&sm.dkp[warp][L.g + 8 * hf][8 * i + 2 * L.t]) =
-                make_float2(d[i][2 * hf], d[i][2 * hf + 1]);
+        store_c2(sm.dkp[warp], 0, 0, d, L);
       }
     }
     if (need_dk) {  // gk^T = dS V^T + dz for this warp's features (m16 tiles: features x keys); dS as bf16 hi + lo

@@ -150,12 +150,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
           mma_state<T>(acc[0], ah[ks], al[ks], bb[0], bb[1]);
           mma_state<T>(acc[1], ah[ks], al[ks], bb[2], bb[3]);
         }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf)
-            *reinterpret_cast<float2*>(&sm.gpt[16 * warp + L.g + 8 * hf][16 * np + 8 * i + 2 * L.t]) =
-                make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
+        store_c2(sm.gpt, 16 * warp, 16 * np, acc, L);
       }
     }
     __syncthreads();
@@ -248,12 +243,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       float d[2][4] = {};
       mma_16816<T>(d[0], a, bb[0], bb[1]);
       mma_16816<T>(d[1], a, bb[2], bb[3]);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          *reinterpret_cast<float2*>(&sm.dqp[warp][L.g + 8 * hf][8 * i + 2 * L.t]) =
-              make_float2(d[i][2 * hf], d[i][2 * hf + 1]);
+      store_c2(sm.dqp[warp], 0, 0, d, L);
     }
     __syncthreads();
     if (c + 1 < nchunks) loads(c + 1, false, true);

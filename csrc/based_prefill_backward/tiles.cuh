@@ -123,6 +123,17 @@ __device__ __forceinline__ void c_to_a(const float (&c0)[4], const float (&c1)[4
   a[3] = pack2<T>(c1[2], c1[3]);
 }
 
+// C of two n-tiles (16 x 16 float32, c[i] columns 8i..) into a float tile at rows r0.., columns c0...
+template <class Tile>
+__device__ __forceinline__ void store_c2(Tile& t, int r0, int c0, const float (&c)[2][4], const Lane& L) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      *reinterpret_cast<float2*>(&t[r0 + L.g + 8 * hf][c0 + 8 * i + 2 * L.t]) =
+          make_float2(c[i][2 * hf], c[i][2 * hf + 1]);
+}
+
 // ---- running states (S forward, dS backward) --------------------------------------------------------------
 
 // Warp w holds features 16w..16w+15 x the 64 values as m16n8 float32 accumulators:
