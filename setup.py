@@ -73,18 +73,28 @@ def _mutant_flags():
     return [f"-DATTN_KERNELS_MUTANT={name}"]
 
 
+def _sources():
+    """The extension's sources, relative to this folder: the binding, then every op's .cu."""
+    kernels = glob.glob("*/*.cu", root_dir=os.path.join(HERE, "csrc"))
+    return ["csrc/binding.cpp"] + sorted(os.path.join("csrc", cu) for cu in kernels)
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def _includes(path, seen):
     """`path` and every csrc file it includes with #include "..." (the including file's folder, then csrc/)."""
     if path in seen:
         return seen
     seen.add(path)
-    with open(path) as f:
-        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read(), re.M):
-            for where in (os.path.dirname(path), os.path.join(HERE, "csrc")):
-                candidate = os.path.normpath(os.path.join(where, name))
-                if os.path.isfile(candidate):
-                    _includes(candidate, seen)
-                    break
+    for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', _read(path), re.M):
+        for where in (os.path.dirname(path), os.path.join(HERE, "csrc")):
+            candidate = os.path.normpath(os.path.join(where, name))
+            if os.path.isfile(candidate):
+                _includes(candidate, seen)
+                break
     return seen
 
 
@@ -99,7 +109,7 @@ def _mutated_sources(sources):
     compile_, objects = [], []
     for src in sources:
         files = _includes(os.path.join(HERE, src), set()) - {os.path.join(HERE, "csrc", "common", "mutants.h")}
-        if any(use.search(open(f).read()) for f in files):
+        if any(use.search(_read(f)) for f in files):
             compile_.append(src)
             continue
         obj = os.path.join(reuse, os.path.splitext(src)[0] + ".o")
@@ -142,8 +152,7 @@ def _extensions():
         *arch,
         *mutant,
     ]
-    sources = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/*/*.cu"))
-    sources, objects = _mutated_sources(sources)
+    sources, objects = _mutated_sources(_sources())
     ext = CUDAExtension(
         name="attn_kernels._C",
         sources=sources,

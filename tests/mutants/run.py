@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in failed:
             print(f"--- {name}\n{built[name][1]}")
         return 1 if failed else 0
+
     def judge_and_say(m: Mutant) -> Verdict:  # each verdict printed as it comes (a cut-off run keeps them)
         v = judge(m, *built[m.name])
         print(f"{v.mutant.name:<32} {'KILLED by ' + v.killed_by if v.killed_by else 'SURVIVED ' + v.detail[:300]}"
