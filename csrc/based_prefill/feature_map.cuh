@@ -5,10 +5,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
 #include <utility>
 
 #include "../common/convert.h"
 #include "../common/feature_order.h"
+#include "../common/mutants.h"
 #include "../common/ptx.h"
 #include "config.cuh"
 #include "fragments.cuh"
@@ -47,10 +49,12 @@ __device__ __forceinline__ void load_scaled_row(const T* src, float sqrt_c, floa
   }
 }
 
-// Packed path for Out == T when sqrt(c) is a power of two (the default c = 1/4 among them):
+// Packed path for Out == T when sqrt(c) is a power of two <= 1 (the default c = 1/4 among them):
 // x' = sqrt(c) x is then exact in T, and a T2 multiply rounds x'_i x'_j once, like the float
 // path, so both give the same features. 53 of the 80 feature pairs are one T2 multiply
 // (x'_i, x'_i) * (x'_j, x'_j+1); the others go through float.
+// Not exact in fp16 once x' falls below fp16's normal range (bf16 has float's): a row with such an
+// entry takes the float path, or x' would be rounded before its features are (PackedGate).
 template <typename T>
 struct Packed;
 template <>
@@ -73,6 +77,35 @@ struct Packed<bf16> {
     return __halves2bfloat162(__high2bfloat16(a), __low2bfloat16(b));
   }
 };
+
+// Which rows may take the packed path; built once per kernel from sqrt(c) (packed_gate).
+struct PackedGate {
+  bool ok;       // sqrt(c) = 2^k, k <= 0
+  uint32_t lim;  // fp16 x2: 2^-14 / sqrt(c), the smallest |x| whose x' is still a normal fp16
+
+  // The row's 16 inputs (8 words of T2); for fp16, no nonzero |x| below lim.
+  template <typename T>
+  __device__ __forceinline__ bool takes(const uint32_t (&w)[8]) const {
+    if (!ok) return false;
+    if constexpr (std::is_same_v<T, __half>) {
+      if (AK_MUTANT(prefill_fp16_tiny_packed)) return true;
+      const __half2 lim2 = *reinterpret_cast<const __half2*>(&lim), zero2 = __float2half2_rn(0.f);
+      uint32_t below = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const __half2 a = __habs2(*reinterpret_cast<const __half2*>(&w[i]));
+        below |= __hlt2_mask(a, lim2) & __hne2_mask(a, zero2);
+      }
+      return below == 0;
+    }
+    return true;
+  }
+};
+
+__device__ __forceinline__ PackedGate packed_gate(float sqrt_c) {
+  const float lim = 6.103515625e-05f / sqrt_c;
+  return {(__float_as_uint(sqrt_c) & 0x7fffffu) == 0 && sqrt_c <= 1.f, pack2<__half>(lim, lim)};
+}
 
 __host__ __device__ constexpr int feature_kind(int f) {  // 0 one, 1 linear, 2 square, 3 pair, 4 pad
   return f == 0 ? 0 : f < kSquareFeature0 ? 1 : f < kPairFeature0 ? 2 : f < kCompactFeatures ? 3 : 4;
@@ -171,13 +204,13 @@ __device__ __forceinline__ void store_groups_packed(const PhiRowDst& d, const Pa
 // one = 0 zeroes the constant feature of a padding token (x itself is zero-filled).
 template <typename T, int G0, int NG>
 __device__ __forceinline__ void build_phi_row(const T* src, const PhiRowDst& d, float sqrt_c, float one,
-                                              bool packed_ok) {
-  if (packed_ok) {
+                                              const PackedGate& gate) {
+  const uint4 a = *reinterpret_cast<const uint4*>(src);
+  const uint4 b = *reinterpret_cast<const uint4*>(src + 8);
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  if (gate.takes<T>(w)) {
     using P = Packed<T>;
     PackedRow<T> pr;
-    const uint4 a = *reinterpret_cast<const uint4*>(src);
-    const uint4 b = *reinterpret_cast<const uint4*>(src + 8);
-    const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
     typename P::T2 sc;
     *reinterpret_cast<uint32_t*>(&sc) = pack2<T>(sqrt_c, sqrt_c);
 #pragma unroll

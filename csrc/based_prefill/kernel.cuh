@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   const float c2 = (AK_MUTANT(prefill_quad_scale) ? 1.f : 0.5f) * p.scale * p.scale;
   const float c1k = AK_MUTANT(prefill_den_inter_ks) ? 0.f : c1;  // c of den_inter's c q.ks term
   const bool den_on = !kStateOnly && p.normalize;
-  const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // sqrt(c) = 2^k
+  const PackedGate packed = packed_gate(sqrt_c);
 
   // Running state, laid out as for_each_s / for_each_g say (gm, ksa: warp kZWarp only).
   float s[4 * Cfg::kNT];
@@ -365,9 +365,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       const PhiRowDst d(s_phik, r);
       const float one = t0 + r < t_end ? 1.f : 0.f;
       if (tid < 64)
-        build_phi_row<T, 0, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
+        build_phi_row<T, 0, 10>(sm.k[st][r], d, sqrt_c, one, packed);
       else
-        build_phi_row<T, 10, 10>(sm.k[st][r], d, sqrt_c, one, packed_ok);
+        build_phi_row<T, 10, 10>(sm.k[st][r], d, sqrt_c, one, packed);
     } else {
       // phi(Q) meets the bf16 state: bf16, or bf16 hi + lo for fp16 inputs. That split build is the
       // heavier one, so fp16 gives it to warps 2-3 (one W block fewer each below).
@@ -378,12 +378,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           load_scaled_row(sm.q[st][r], sqrt_c, x);
           store_groups_split(PhiRowDst(s_phiq, r), x, std::make_integer_sequence<int, Cfg::kF / 8>{});
         } else {
-          build_phi_row<T, 0, 20>(sm.q[st][r], PhiRowDst(s_phiq, r), sqrt_c, 1.f, packed_ok);
+          build_phi_row<T, 0, 20>(sm.q[st][r], PhiRowDst(s_phiq, r), sqrt_c, 1.f, packed);
         }
       } else {
         const int r = kSplit ? tid : tid - 64;
         build_phi_row<T, 0, 20>(sm.k[st][r], PhiRowDst(s_phik, r), sqrt_c, t0 + r < t_end ? 1.f : 0.f,
-                                packed_ok);
+                                packed);
       }
       build_w_blocks<T>(sm.q[st], sm.k[st], s_w, sm.den, c1, c2, den_on, warp, lane);
       if (den_on) ldsm4(qd, saddr(&sm.q[st][16 * warp + lr + 8 * (lj & 1)][8 * (lj >> 1)]));

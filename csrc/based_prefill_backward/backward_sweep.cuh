@@ -46,15 +46,15 @@ struct BsSmem {
 // Padding keys keep the constant feature: their dv rows are never stored.
 template <typename T, int G0>
 __device__ __forceinline__ void phi_groups(const T* q_row, const T* k_row, uint32_t phiq, uint32_t phik, int r,
-                                           float sqrt_c, bool packed_ok, bool with_k) {
-  build_phi_row<T, G0, 4>(q_row, PhiRowDst(phiq, r), sqrt_c, 1.f, packed_ok);
+                                           float sqrt_c, const PackedGate& packed, bool with_k) {
+  build_phi_row<T, G0, 4>(q_row, PhiRowDst(phiq, r), sqrt_c, 1.f, packed);
   if (with_k) {
     if constexpr (std::is_same_v<T, __half>) {
       float x[16];
       load_scaled_row(k_row, sqrt_c, x);
       store_groups_split(PhiRowDst(phik, r), x, std::integer_sequence<int, G0, G0 + 1, G0 + 2, G0 + 3>{});
     } else {
-      build_phi_row<T, G0, 4>(k_row, PhiRowDst(phik, r), sqrt_c, 1.f, packed_ok);
+      build_phi_row<T, G0, 4>(k_row, PhiRowDst(phik, r), sqrt_c, 1.f, packed);
     }
   }
 }
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const float* ws_inv = p.normalize ? p.workspace + int64_t(bh) * p.N : nullptr;
   const float* ws_dden = ws_inv ? ws_inv + tokens : nullptr;
   const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
-  const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;
+  const PackedGate packed = packed_gate(sqrt_c);
   const bool need_dk = dkg != nullptr, need_dv = dvg != nullptr;
   if (seg > 0 && !need_dk && !need_dv) return;  // only dS0 / dz0 needed: segment 0 gets them from the query sums
 
@@ -153,11 +153,11 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       const int r = tid & 63;
       const uint32_t pq = tphiq.base, pk = tphik[0].base;
       switch (tid >> 6) {
-        case 0: phi_groups<T, 0>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
-        case 1: phi_groups<T, 4>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
-        case 2: phi_groups<T, 8>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
-        case 3: phi_groups<T, 12>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
-        default: phi_groups<T, 16>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed_ok, need_dv); break;
+        case 0: phi_groups<T, 0>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed, need_dv); break;
+        case 1: phi_groups<T, 4>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed, need_dv); break;
+        case 2: phi_groups<T, 8>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed, need_dv); break;
+        case 3: phi_groups<T, 12>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed, need_dv); break;
+        default: phi_groups<T, 16>(sm.q[r], kc[r], pq, pk, r, sqrt_c, packed, need_dv); break;
       }
     }
     __syncthreads();

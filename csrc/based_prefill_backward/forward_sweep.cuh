@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   float* ws_inv = (p.normalize && backward_sweep_runs(p)) ? p.workspace + int64_t(bh) * p.N : nullptr;
   float* ws_dden = ws_inv ? ws_inv + tokens : nullptr;
   const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
-  const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;  // feature_map.cuh's packed path
+  const PackedGate packed = packed_gate(sqrt_c);  // feature_map.cuh's packed path
   const bool need_dq = dqg != nullptr, norm = p.normalize;
 
   // Segment seg starts from S0 + the key sums of segments 0..seg-1 (key_sums' prefix slot).
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
     __syncthreads();  // the chunk's tiles; the previous chunk's readers are done
 
     // ---- phase 1 ----
-    phi_tile(sm.k, tphik.base, n_valid, sqrt_c, packed_ok, tid);  // padding keys: all features 0
+    phi_tile(sm.k, tphik.base, n_valid, sqrt_c, packed, tid);  // padding keys: all features 0
     float sc[2][4] = {}, pp[2][4] = {};  // s and P' of block (m, kt): rows 16m + g (+8), columns 16kt + 8i + 2t
     {
       uint32_t a[4], bb[4];

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const float* ws_inv = (kQueries && p.normalize) ? p.workspace + int64_t(bh) * p.N : nullptr;
   const float* ws_dden = ws_inv ? ws_inv + int64_t(p.B) * p.H * p.N : nullptr;
   const float sqrt_c = sqrtf(p.scale), c1 = p.scale;
-  const bool packed_ok = (__float_as_uint(sqrt_c) & 0x7fffffu) == 0;
+  const PackedGate packed = packed_gate(sqrt_c);
 
   StateFrag s = {};
   if (tid < BCfg::kF) sm.z[tid] = 0.f;
@@ -67,9 +67,9 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
     if constexpr (kQueries) {  // as the backward sweep's phase 0
       if (tid < BCfg::kChunk) sm.dden[tid] = (ws_dden && tid < n_valid) ? ws_dden[t0 + tid] : 0.f;
       build_dnum(sm.dnum, sm.y[buf], ws_inv, t0, n_valid, tid);
-      phi_tile(sm.x[buf], tphi.base, BCfg::kChunk, sqrt_c, packed_ok, tid);
+      phi_tile(sm.x[buf], tphi.base, BCfg::kChunk, sqrt_c, packed, tid);
     } else {  // as the forward sweep's phase 1 (padding keys: all features 0)
-      phi_tile(sm.x[buf], tphi.base, n_valid, sqrt_c, packed_ok, tid);
+      phi_tile(sm.x[buf], tphi.base, n_valid, sqrt_c, packed, tid);
     }
     __syncthreads();
     if constexpr (kQueries) dstate_update<T>(s, tphi, tdn, warp, L);

@@ -286,16 +286,16 @@ __device__ __forceinline__ void load_rows(T (&dst)[BCfg::kChunk][kPitch], const 
 // `ones` keep no constant feature (all 0: padding keys), the others all of them.
 template <typename T>
 __device__ __forceinline__ void phi_tile(const T (&x)[BCfg::kChunk][BCfg::kQKP], uint32_t phi, int ones, float sqrt_c,
-                                         bool packed_ok, int tid) {
+                                         const PackedGate& packed, int tid) {
   const int r = tid & 63;
   const PhiRowDst d(phi, r);
   const float one = r < ones ? 1.f : 0.f;
   switch (tid >> 6) {
-    case 0: build_phi_row<T, 0, 4>(x[r], d, sqrt_c, one, packed_ok); break;
-    case 1: build_phi_row<T, 4, 4>(x[r], d, sqrt_c, one, packed_ok); break;
-    case 2: build_phi_row<T, 8, 4>(x[r], d, sqrt_c, one, packed_ok); break;
-    case 3: build_phi_row<T, 12, 4>(x[r], d, sqrt_c, one, packed_ok); break;
-    default: build_phi_row<T, 16, 4>(x[r], d, sqrt_c, one, packed_ok); break;
+    case 0: build_phi_row<T, 0, 4>(x[r], d, sqrt_c, one, packed); break;
+    case 1: build_phi_row<T, 4, 4>(x[r], d, sqrt_c, one, packed); break;
+    case 2: build_phi_row<T, 8, 4>(x[r], d, sqrt_c, one, packed); break;
+    case 3: build_phi_row<T, 12, 4>(x[r], d, sqrt_c, one, packed); break;
+    default: build_phi_row<T, 16, 4>(x[r], d, sqrt_c, one, packed); break;
   }
 }
 

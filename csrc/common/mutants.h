@@ -22,6 +22,7 @@
 #define AK_MUTANT_prefill_varlen_out_row 13  // varlen: o written at sequence-relative rows (start ignored)
 #define AK_MUTANT_prefill_pool_slot_ignored 14  // state pool: sequence b's state goes to slot b, not its index
 #define AK_MUTANT_prefill_pool_bad_index_computed 15  // state pool: an out-of-range index gives computed outputs
+#define AK_MUTANT_prefill_fp16_tiny_packed 54  // fp16: rows with |x| below the normal range of sqrt(c) x take the packed path
 // based_decode
 #define AK_MUTANT_decode_z_not_updated 16  // z is not written back
 #define AK_MUTANT_decode_read_before_update 17  // o reads the state before this token's update
