@@ -160,43 +160,40 @@ __device__ __forceinline__ void store_c2(Tile& t, int r0, int c0, const float (&
 // hi + lo (the forward's v3 split), the other operand split too, hi.hi + hi.lo + lo.hi: ~16-bit operands.
 using StateFrag = float[8][4];
 
-__device__ __forceinline__ void load_state(StateFrag& s, const float* S, int warp, const Lane& L) {
+// fn(n, hf, f, v) for each float pair s[n][2 hf], s[n][2 hf + 1] of warp's fragment: state row f, columns v, v + 1.
+template <typename Fn>
+__device__ __forceinline__ void for_each_state_pair(int warp, const Lane& L, Fn&& fn) {
 #pragma unroll
   for (int n = 0; n < 8; ++n)
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int f = 16 * warp + L.g + 8 * hf, v = 8 * n + 2 * L.t;
-      float2 x = make_float2(0.f, 0.f);
-      if (S && f < kCompactFeatures) x = *reinterpret_cast<const float2*>(S + f * kValueDim + v);
-      s[n][2 * hf] = x.x;
-      s[n][2 * hf + 1] = x.y;
-    }
+    for (int hf = 0; hf < 2; ++hf) fn(n, hf, 16 * warp + L.g + 8 * hf, 8 * n + 2 * L.t);
+}
+
+__device__ __forceinline__ void load_state(StateFrag& s, const float* S, int warp, const Lane& L) {
+  for_each_state_pair(warp, L, [&](int n, int hf, int f, int v) {
+    float2 x = make_float2(0.f, 0.f);
+    if (S && f < kCompactFeatures) x = *reinterpret_cast<const float2*>(S + f * kValueDim + v);
+    s[n][2 * hf] = x.x;
+    s[n][2 * hf + 1] = x.y;
+  });
 }
 
 __device__ __forceinline__ void store_state(const StateFrag& s, float* S, int warp, const Lane& L) {
-#pragma unroll
-  for (int n = 0; n < 8; ++n)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int f = 16 * warp + L.g + 8 * hf, v = 8 * n + 2 * L.t;
-      if (f < kCompactFeatures)
-        *reinterpret_cast<float2*>(S + f * kValueDim + v) = make_float2(s[n][2 * hf], s[n][2 * hf + 1]);
-    }
+  for_each_state_pair(warp, L, [&](int n, int hf, int f, int v) {
+    if (f < kCompactFeatures)
+      *reinterpret_cast<float2*>(S + f * kValueDim + v) = make_float2(s[n][2 * hf], s[n][2 * hf + 1]);
+  });
 }
 
 // s += W, a state in S0's layout (153 x 64 floats): the sums a segment carries in (split.h).
 __device__ __forceinline__ void add_state(StateFrag& s, const float* W, int warp, const Lane& L) {
-#pragma unroll
-  for (int n = 0; n < 8; ++n)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int f = 16 * warp + L.g + 8 * hf, v = 8 * n + 2 * L.t;
-      if (f < kCompactFeatures) {
-        const float2 x = *reinterpret_cast<const float2*>(W + f * kValueDim + v);
-        s[n][2 * hf] += x.x;
-        s[n][2 * hf + 1] += x.y;
-      }
+  for_each_state_pair(warp, L, [&](int n, int hf, int f, int v) {
+    if (f < kCompactFeatures) {
+      const float2 x = *reinterpret_cast<const float2*>(W + f * kValueDim + v);
+      s[n][2 * hf] += x.x;
+      s[n][2 * hf + 1] += x.y;
     }
+  });
 }
 
 // The state's A fragment over values 16ks..16ks+15: bf16 (hi), and lo = bf16(S - hi) when kSplit.
