@@ -88,12 +88,9 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5;
   const Lane L(tid & 31);
   const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H, seg = blockIdx.y;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const T* gog = p.grad_o ? static_cast<const T*>(p.grad_o) + b * p.go_sb + h * p.go_sh : nullptr;
-  T* dkg = p.dk ? static_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh : nullptr;
-  T* dvg = p.dv ? static_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh : nullptr;
+  const HeadRows<T> rows(p, b, h);
+  const T *qg = rows.q, *kg = rows.k, *vg = rows.v, *gog = rows.go;
+  T *dkg = rows.dk, *dvg = rows.dv;
   const int64_t tokens = int64_t(p.B) * p.H * p.N;
   const float* ws_inv = p.normalize ? p.workspace + int64_t(bh) * p.N : nullptr;
   const float* ws_dden = ws_inv ? ws_inv + tokens : nullptr;
@@ -106,13 +103,8 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const float* carry =
       (seg + 1 < sg.nseg && !AK_MUTANT(bwd_split_backward_carry)) ? sg.slot(bh, seg) : nullptr;
   StateFrag ds;
-  const float* gS = AK_MUTANT(bwd_grad_state_ignored) ? nullptr : p.grad_S;
-  load_state(ds, gS ? gS + int64_t(bh) * kCompactFeatures * kValueDim : nullptr, warp, L);
-  if (carry) add_state(ds, carry, warp, L);
-  if (tid < BCfg::kF) {
-    const float z = (p.grad_z && tid < kCompactFeatures) ? p.grad_z[int64_t(bh) * kCompactFeatures + tid] : 0.f;
-    sm.dz[0][tid] = carry ? z + carry[kSlotZ + tid] : z;
-  }
+  start_state(ds, sm.dz[0], AK_MUTANT(bwd_grad_state_ignored) ? nullptr : p.grad_S, p.grad_z, carry, bh, warp, L,
+              tid);
   write_stash(sm.stash, ds, warp, L);
 
   int m, kt;  // this warp's causal block

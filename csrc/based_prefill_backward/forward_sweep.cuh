@@ -42,11 +42,9 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5;
   const Lane L(tid & 31);
   const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H, seg = blockIdx.y;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const T* gog = p.grad_o ? static_cast<const T*>(p.grad_o) + b * p.go_sb + h * p.go_sh : nullptr;
-  T* dqg = p.dq ? static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh : nullptr;
+  const HeadRows<T> rows(p, b, h);
+  const T *qg = rows.q, *kg = rows.k, *vg = rows.v, *gog = rows.go;
+  T* dqg = rows.dq;
   const int64_t tokens = int64_t(p.B) * p.H * p.N;
   // inv, dden for the backward sweep (where it runs: else the workspace holds only the split's sums, if any)
   float* ws_inv = (p.normalize && backward_sweep_runs(p)) ? p.workspace + int64_t(bh) * p.N : nullptr;
@@ -58,12 +56,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   // Segment seg starts from S0 + the key sums of segments 0..seg-1 (key_sums' prefix slot).
   const float* carry = (seg > 0 && !AK_MUTANT(bwd_split_forward_carry)) ? sg.slot(bh, seg - 1) : nullptr;
   StateFrag s;
-  load_state(s, p.S0 ? p.S0 + int64_t(bh) * kCompactFeatures * kValueDim : nullptr, warp, L);
-  if (carry) add_state(s, carry, warp, L);
-  if (tid < BCfg::kF) {
-    const float z = (p.z0 && tid < kCompactFeatures) ? p.z0[int64_t(bh) * kCompactFeatures + tid] : 0.f;
-    sm.z[0][tid] = carry ? z + carry[kSlotZ + tid] : z;
-  }
+  start_state(s, sm.z[0], p.S0, p.z0, carry, bh, warp, L, tid);
 
   int m, kt;  // this warp's causal block
   intra_block(warp, m, kt);

@@ -32,11 +32,10 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5;
   const Lane L(tid & 31);
   const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H, seg = blockIdx.y + (kQueries ? 1 : 0);
-  const T* xg = kQueries ? static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh
-                         : static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const HeadRows<T> rows(p, b, h);
+  const T* xg = kQueries ? rows.q : rows.k;
   const int64_t x_sn = kQueries ? p.q_sn : p.k_sn;
-  const T* yg = kQueries ? (p.grad_o ? static_cast<const T*>(p.grad_o) + b * p.go_sb + h * p.go_sh : nullptr)
-                         : static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* yg = kQueries ? rows.go : rows.v;
   const int64_t y_sn = kQueries ? p.go_sn : p.v_sn;
   const float* ws_inv = (kQueries && p.normalize) ? p.workspace + int64_t(bh) * p.N : nullptr;
   const float* ws_dden = ws_inv ? ws_inv + int64_t(p.B) * p.H * p.N : nullptr;

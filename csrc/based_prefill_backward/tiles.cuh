@@ -55,6 +55,21 @@ struct SegmentArgs {
   }
 };
 
+// Head (b, h)'s rows of the inputs and gradients (strided views); null where not given or not wanted.
+template <typename T>
+struct HeadRows {
+  const T *q, *k, *v, *go;
+  T *dq, *dk, *dv;
+  __device__ __forceinline__ HeadRows(const BasedPrefillBackwardParams& p, int b, int h)
+      : q(static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh),
+        k(static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh),
+        v(static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh),
+        go(p.grad_o ? static_cast<const T*>(p.grad_o) + b * p.go_sb + h * p.go_sh : nullptr),
+        dq(p.dq ? static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh : nullptr),
+        dk(p.dk ? static_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh : nullptr),
+        dv(p.dv ? static_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh : nullptr) {}
+};
+
 // The chunk's 10 causal 16 x 16 blocks (query block m, key block kt <= m), numbered row by row.
 __device__ __forceinline__ void intra_block(int i, int& m, int& kt) {
   m = i >= 6 ? 3 : i >= 3 ? 2 : i >= 1 ? 1 : 0;
@@ -194,6 +209,18 @@ __device__ __forceinline__ void add_state(StateFrag& s, const float* W, int warp
       s[n][2 * hf + 1] += x.y;
     }
   });
+}
+
+// A sweep's starting state for head bh: the given one (S: 153 x 64, z: 153 floats per head; null = 0) plus, if
+// carry, a segment's carried sums (SegmentArgs::slot): S into the fragment s, z into z_s (shared, BCfg::kF).
+__device__ __forceinline__ void start_state(StateFrag& s, float* z_s, const float* S, const float* z,
+                                            const float* carry, int bh, int warp, const Lane& L, int tid) {
+  load_state(s, S ? S + int64_t(bh) * kCompactFeatures * kValueDim : nullptr, warp, L);
+  if (carry) add_state(s, carry, warp, L);
+  if (tid < BCfg::kF) {
+    const float z0 = (z && tid < kCompactFeatures) ? z[int64_t(bh) * kCompactFeatures + tid] : 0.f;
+    z_s[tid] = carry ? z0 + carry[kSlotZ + tid] : z0;
+  }
 }
 
 // The state's A fragment over values 16ks..16ks+15: bf16 (hi), and lo = bf16(S - hi) when kSplit.
