@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
                 make_float2(acc[i][2 * hf] + zf[hf], acc[i][2 * hf + 1] + zf[hf]);
       }
     }
-    if (!AK_MUTANT(bwd_dstate_frozen)) dstate_update<T>(ds, tphiq, tdn, warp, L);  // dS += phi(Q)^T dnum
+    if (!AK_MUTANT(bwd_dstate_frozen)) outer_update<T>(ds, tphiq, tdn, warp, L);  // dS += phi(Q)^T dnum
     if (warp == 8) {  // dz += phi(Q)^T dden from the queries' dden-weighted moments (while warps 0-7 run dv)
       if (!AK_MUTANT(bwd_dstate_frozen)) {
         chunk_moments<T, true>(tq.base, sm.dden, 0.f, sm.mom, L);

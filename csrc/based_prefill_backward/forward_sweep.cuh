@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       }
     }
     if (c + 1 < c_end && !AK_MUTANT(bwd_forward_state_frozen))
-      state_update<T>(s, tphik, tv, warp, L);  // S += phi(K)^T V (this warp's features)
+      outer_update<T, 1>(s, tphik, {tv}, warp, L);  // S += phi(K)^T V (this warp's features)
     __syncthreads();  // inv, dden, the feature part of dq; every read of q, v, grad_o, phi(K) is done
     if (c + 1 < c_end) loads(c + 1, true, !need_dq);
     if (!need_dq) {

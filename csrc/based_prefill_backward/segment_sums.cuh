@@ -71,8 +71,8 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
       phi_tile(sm.x[buf], tphi.base, n_valid, sqrt_c, packed, tid);
     }
     __syncthreads();
-    if constexpr (kQueries) dstate_update<T>(s, tphi, tdn, warp, L);
-    else state_update<T>(s, tphi, RowTile<BCfg::kVP>{saddr(sm.y[buf])}, warp, L);
+    if constexpr (kQueries) outer_update<T>(s, tphi, tdn, warp, L);
+    else outer_update<T, 1>(s, tphi, {RowTile<BCfg::kVP>{saddr(sm.y[buf])}}, warp, L);
     if (warp == 8) {
       if constexpr (kQueries) chunk_moments<T, true>(saddr(sm.x[buf]), sm.dden, 0.f, sm.mom, L);
       else chunk_moments<T, false>(saddr(sm.x[buf]), nullptr, float(n_valid), sm.mom, L);

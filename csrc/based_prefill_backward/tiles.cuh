@@ -253,40 +253,24 @@ __device__ __forceinline__ void mma_state(float (&acc)[4], const uint32_t (&hi)[
   }
 }
 
-// S += phi(K)^T V, this warp's features (the forward sweep's state update; the key sums of a segment).
-template <typename T>
-__device__ __forceinline__ void state_update(StateFrag& s, const PhiTile& tphik, const RowTile<BCfg::kVP>& tv,
+// s += phi^T (Y_0 + .. + Y_kParts-1), this warp's features, over the chunk's 64 rows: S += phi(K)^T V (kParts 1: the
+// forward sweep's update, the key sums), dS += phi(Q)^T dnum with dnum as hi + lo (2: the backward sweep's, the query
+// sums).
+template <typename T, int kParts>
+__device__ __forceinline__ void outer_update(StateFrag& s, const PhiTile& tphi, const RowTile<BCfg::kVP> (&ty)[kParts],
                                              int warp, const Lane& L) {
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
     uint32_t a[4];
-    a_frag_t(a, tphik, 16 * ks, 16 * warp, L);
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t bb[4];
-      b_frag2_t(bb, tv, 16 * ks, 16 * np, L);
-      mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
-      mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
-    }
-  }
-}
-
-// dS += phi(Q)^T dnum, dnum as hi + lo (tdn), this warp's features (the backward sweep's update; the query sums).
-template <typename T>
-__device__ __forceinline__ void dstate_update(StateFrag& ds, const PhiTile& tphiq, const RowTile<BCfg::kVP> (&tdn)[2],
-                                              int warp, const Lane& L) {
-#pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-    uint32_t a[4];
-    a_frag_t(a, tphiq, 16 * ks, 16 * warp, L);
+    a_frag_t(a, tphi, 16 * ks, 16 * warp, L);
 #pragma unroll
     for (int np = 0; np < 4; ++np)
 #pragma unroll
-      for (int part = 0; part < 2; ++part) {
+      for (int part = 0; part < kParts; ++part) {
         uint32_t bb[4];
-        b_frag2_t(bb, tdn[part], 16 * ks, 16 * np, L);
-        mma_16816<T>(ds[2 * np], a, bb[0], bb[1]);
-        mma_16816<T>(ds[2 * np + 1], a, bb[2], bb[3]);
+        b_frag2_t(bb, ty[part], 16 * ks, 16 * np, L);
+        mma_16816<T>(s[2 * np], a, bb[0], bb[1]);
+        mma_16816<T>(s[2 * np + 1], a, bb[2], bb[3]);
       }
   }
 }
