@@ -37,8 +37,10 @@ K_ZCONV = 8  # z carried as moments: z -> (G, ks) -> z conversions at a segment 
 def kernel_features(x: torch.Tensor, scale: float) -> torch.Tensor:
     """phi(x) in float32, before the one rounding to the input dtype, computed as the prefill kernel does
     (csrc/based_prefill, ``feature<F>``): x' = fl32(sqrt_c x); x'_i; fl32(fl32(x'_i x'_i) * fl32(1/sqrt 2));
-    fl32(x'_i x'_j). (Its packed bf16/fp16 path, taken when sqrt_c is a power of two, rounds the same values
-    once: x' is then exact and x'_i x'_j is exact in float32.) Every operation is IEEE float32 on any device."""
+    fl32(x'_i x'_j). (Its packed bf16/fp16 path, taken when sqrt_c is a power of two <= 1, rounds the same values
+    once: x' is then exact and x'_i x'_j is exact in float32; fp16 rows with an x' below fp16's normal range, where
+    x' would not be exact, take the float path: test_fp16_inputs_near_zero.) Every operation is IEEE float32 on any
+    device."""
     c, sqrt_c = fp32_scale(scale)
     xs = x.float() * sqrt_c.to(x.device)
     i, j, _, _ = ref._indices_on(x.device)
