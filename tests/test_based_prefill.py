@@ -70,18 +70,20 @@ def tiny_fp16(*shape, device) -> torch.Tensor:
 
 
 @requires_cuda
+@pytest.mark.parametrize("scale", [None, 0.1], ids=["c1/4", "c0.1"])
 @pytest.mark.parametrize("N", [1, 65, 1000])
-def test_fp16_inputs_near_zero(N):
+def test_fp16_inputs_near_zero(N, scale):
     """Half the q and k columns tiny (tiny_fp16): each feature is still rounded once, from float32 (spec.md). A
     kernel that rounds sqrt(c) x to fp16 before forming the features moves many of them by a subnormal ulp,
-    which the state's float32-level bound sees (a short sequence's state holds near-exact products)."""
+    which the state's float32-level bound sees (a short sequence's state holds near-exact products). c = 1/4 takes
+    the packed feature path for the other rows, c = 0.1 the float path for all."""
     B, H = 1, 3
     q, k = (randn(B, H, N, 16, dtype=torch.float16, device="cuda") for _ in range(2))
     for x in (q, k):
         x[..., torch.randperm(16)[:8]] = tiny_fp16(B, H, N, 8, device="cuda")
     v = randn(B, H, N, 64, dtype=torch.float16, device="cuda")
-    o, (S, z) = ak.based_prefill(q, k, v, return_state=True)
-    check_prefill(o, S, z, q, k, v)
+    o, (S, z) = ak.based_prefill(q, k, v, scale=scale, return_state=True)
+    check_prefill(o, S, z, q, k, v, scale=scale)
 
 
 @requires_cuda
