@@ -41,19 +41,18 @@
 //                    state goes (returned, a pool slot or nowhere)
 //   epilogue.cuh     a chunk's output: scaled, transposed through shared memory, 16-byte stores
 //   kernel.cuh       based_prefill_kernel (the phases above, top to bottom)
-//   scan.cuh         the segment scan kernel (split sequences)
 //   heuristics.h     the split-sequence decision and its workspace
 //   this file        the launcher
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/slot_scan.cuh"
 #include "based_prefill.h"
 #include "config.cuh"
 #include "heuristics.h"
 #include "kernel.cuh"
 #include "sequences.cuh"
-#include "scan.cuh"
 
 namespace attn_kernels {
 namespace {
@@ -71,9 +70,7 @@ cudaError_t launch_typed(const BasedPrefillParams& p, Split sp, const int32_t* o
     if (err != cudaSuccess) return err;
     part<<<dim3(unsigned(bh), sp.nseg - 1), Cfg::kThreads, smem, stream>>>(p, sp.nseg, sp.seg_chunks, order);
     if (sp.nseg > 2 && !AK_MUTANT(prefill_scan_skipped)) {
-      const int64_t n = bh * (Cfg::kWsFloats / 4);
-      based_prefill_scan_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(
-          static_cast<float4*>(p.workspace), bh, sp.nseg - 1);
+      enqueue_slot_scan<Cfg::kWsFloats / 4, false>(static_cast<float4*>(p.workspace), bh, sp.nseg - 1, stream);
     }
   }
   full<<<dim3(unsigned(bh), sp.nseg), Cfg::kThreads, smem, stream>>>(p, sp.nseg, sp.seg_chunks, order);

@@ -1,6 +1,6 @@
 // based_prefill, part of based_prefill.cu (included there only): the kernel. based_prefill_kernel walks one
-// (b, h, segment) chunk by chunk (the phases are the overview's of based_prefill.cu); scan.cuh's kernel
-// turns the segments' partial states into prefix sums (split sequences only).
+// (b, h, segment) chunk by chunk (the phases are the overview's of based_prefill.cu); common/slot_scan.cuh's
+// kernel turns the segments' partial states into prefix sums (split sequences only).
 //
 // The chunk loop reads top to bottom: phase 1 calls the feature map (feature_map.cuh) and the W builder
 // (intra_chunk.cuh); the epilogue is epilogue.cuh's; the other phases are named lambdas of the kernel body

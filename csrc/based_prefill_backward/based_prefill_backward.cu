@@ -39,13 +39,14 @@
 //   token_pass.cuh     the per-token feature sums and Jacobian
 //   forward_sweep.cuh  the forward sweep
 //   backward_sweep.cuh the backward sweep
-//   segment_sums.cuh   the split path's segment sums and their scan
+//   segment_sums.cuh   the split path's segment sums (their scan: common/slot_scan.cuh)
 //   split.h            the split decision and the workspace's sums (plain C++)
 //   this file          the launcher
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/slot_scan.cuh"
 #include "backward_sweep.cuh"
 #include "based_prefill_backward.h"
 #include "forward_sweep.cuh"
@@ -81,9 +82,8 @@ cudaError_t launch_sums(const BasedPrefillBackwardParams& p, const SegmentArgs& 
   cudaError_t err = launch_one(based_prefill_backward_segment_sums<T, kQueries>, int(sizeof(SumsSmem<T, kQueries>)),
                                sg.nseg - 1, p, sg, stream);
   if (err != cudaSuccess || sg.nseg < 3 || AK_MUTANT(bwd_split_scan_skipped)) return err;
-  const int64_t bh = int64_t(p.B) * p.H, n = bh * (kBwdSlotFloats / 4);
-  based_prefill_backward_scan<<<unsigned((n + 255) / 256), 256, 0, stream>>>(reinterpret_cast<float4*>(sg.sums), bh,
-                                                                            sg.nseg - 1, kQueries);
+  enqueue_slot_scan<kBwdSlotFloats / 4, kQueries>(reinterpret_cast<float4*>(sg.sums), int64_t(p.B) * p.H, sg.nseg - 1,
+                                                  stream);
   return cudaGetLastError();
 }
 

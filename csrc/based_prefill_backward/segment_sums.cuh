@@ -4,9 +4,9 @@
 //   key sums   (before the forward sweep; segments 0..nseg-2): S += phi(K)^T V, z += phi(K)^T 1;
 //   query sums (after the forward sweep, which wrote inv and dden; segments 1..nseg-1): dS += phi(Q)^T dnum,
 //              dz += phi(Q)^T dden;
-// then the scan that turns each (b, h)'s slots into the carries, in a fixed order: the key sums' prefix (slot j:
-// segments 0..j, carried into segment j + 1) and the query sums' suffix (slot j: segments j+1..nseg-1, carried
-// into segment j).
+// then common/slot_scan.cuh turns each (b, h)'s slots into the carries, in a fixed order: the key sums' prefix
+// (slot j: segments 0..j, carried into segment j + 1) and the query sums' suffix (slot j: segments j+1..nseg-1,
+// carried into segment j).
 #pragma once
 #include "tiles.cuh"
 
@@ -83,22 +83,6 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
   float* out = sg.slot(bh, blockIdx.y);
   store_state(s, out, warp, L);
   if (tid < BCfg::kF) out[kSlotZ + tid] = sm.z[tid];
-}
-
-// In place over each (b, h)'s nparts slots: the inclusive prefix sums (slot 0 first), or reverse, the inclusive
-// suffix sums (slot nparts - 1 first).
-__global__ void based_prefill_backward_scan(float4* sums, int64_t bh_count, int nparts, bool reverse) {
-  constexpr int kPer = kBwdSlotFloats / 4;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= bh_count * kPer) return;
-  const int64_t step = reverse ? -int64_t(kPer) : int64_t(kPer);
-  float4* x = sums + (i / kPer) * nparts * kPer + (i % kPer) + (reverse ? int64_t(nparts - 1) * kPer : 0);
-  float4 acc = x[0];
-  for (int s = 1; s < nparts; ++s) {
-    const float4 y = x[s * step];
-    acc = make_float4(acc.x + y.x, acc.y + y.y, acc.z + y.z, acc.w + y.w);
-    x[s * step] = acc;
-  }
 }
 
 }  // namespace
