@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(BCfg::kThreads, 1)
     cp_async_commit();
   };
 
-  const int c_begin = seg * sg.seg_chunks, c_end = min(bwd_chunks(p.N), c_begin + sg.seg_chunks);
+  int c_begin, c_end;
+  segment_chunks(sg, seg, p.N, c_begin, c_end);
   if (c_begin < c_end) loads(c_begin);
   for (int c = c_begin; c < c_end; ++c) {
     const int64_t t0 = int64_t(c) * BCfg::kChunk;

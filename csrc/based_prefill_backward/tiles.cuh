@@ -84,6 +84,11 @@ __device__ __forceinline__ bool causal(int key, int query) {
 __device__ __forceinline__ int bwd_chunks(int N) {
   return AK_MUTANT(bwd_tail_dropped) ? N / BCfg::kChunk : (N + BCfg::kChunk - 1) / BCfg::kChunk;
 }
+// Segment seg's chunks [c_begin, c_end) of a sequence of N tokens (empty past the last segment).
+__device__ __forceinline__ void segment_chunks(const SegmentArgs& sg, int seg, int N, int& c_begin, int& c_end) {
+  c_begin = seg * sg.seg_chunks;
+  c_end = min(bwd_chunks(N), c_begin + sg.seg_chunks);
+}
 
 template <typename T>
 __device__ __forceinline__ float ld(const T* p) {
