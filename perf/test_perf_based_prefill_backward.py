@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple
 
 import pytest
 import torch
+from torch._functorch import config as functorch_config
 
 from perf.cost import prefill_backward_cost, prefill_cost, prefill_train_cost
 from perf.impls import EAGER, FLA_MISSING, OPTIONAL, OURS, TORCH, Impl, bench, peer_errors_skip, randn
@@ -109,7 +110,11 @@ def _saved_forward_set(f: Forward):
 
     def make(s: Shape):
         q, k, v, g = leaf_inputs(f, s)
-        with peer_errors_skip(f.peer, ours=False), torch.enable_grad():
+        # The timed backward re-runs one graph (retain_graph), which a compiled backward refuses when it
+        # donates its saved buffers (torch_compile: "compiled with non-empty donated buffers"). The switch
+        # is read when the first call compiles, so it holds for the compiled forward's whole life.
+        with peer_errors_skip(f.peer, ours=False), torch.enable_grad(), \
+                functorch_config.patch(donated_buffer=False):
             o = f.make(f.import_module(), s)(q, k, v)
         return o, q, k, v, g
 
