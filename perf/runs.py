@@ -16,6 +16,7 @@ from perf.cost import HBM_BYTES_PER_S, PEAK_FLOPS
 PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent
 BASELINES = PERF_DIR / "baselines"
+RESULTS = PERF_DIR / "results"
 
 OURS = ("attn_kernels", "based")  # implementation names of this package's kernels (based: the Based mixer)
 SHAPE_KEYS = (("B", "B"), ("n", "n"), ("H", "H"), ("N", "N"), ("T", "T"), ("longest", "longest"), ("ctx", "ctx"),
@@ -64,6 +65,7 @@ class Run:
     machine: dict
     datetime: str
     benches: tuple[Bench, ...]
+    commit: str = ""  # commit_info id, where recorded
 
     @property
     def slug(self) -> str:
@@ -104,7 +106,8 @@ def load_run(path: Path) -> Run:
             floor_us=float(info["floor_us"]), tokens_per_s=info.get("tokens_per_s"),
             saved_vs_qkvo=info.get("saved_vs_qkvo"),
         ))
-    return Run(Path(path), data.get("machine_info") or {}, data.get("datetime") or "", tuple(benches))
+    return Run(Path(path), data.get("machine_info") or {}, data.get("datetime") or "", tuple(benches),
+               str((data.get("commit_info") or {}).get("id") or ""))
 
 
 def newest_baselines(root: Path = BASELINES) -> list[Path]:
@@ -116,6 +119,33 @@ def newest_baselines(root: Path = BASELINES) -> list[Path]:
         if files:
             newest.append(files[-1])
     return newest
+
+
+def stored_runs(root: Path = RESULTS) -> list[Path]:
+    """The pytest-benchmark runs stored under root (perf/results/: runs that are not a baseline, e.g. a part of
+    the suite measured before the next whole-suite baseline); other JSON there (the training check's data,
+    the decode drift) is left out."""
+    files = sorted(Path(root).glob("*.json")) if Path(root).is_dir() else []
+    return [p for p in files if isinstance(json.loads(p.read_text()).get("benchmarks"), list)]
+
+
+def beside_baseline(baseline: Run, stored: list[Run]) -> list[Run]:
+    """What the stored runs of the baseline's GPU measured that the baseline lacks: per op with at least one
+    benchmark (impl, shape) missing from the baseline, that op's benchmarks from the newest such run (by its
+    recorded date). One Run per source file, restricted to the ops it supplies, ordered by path."""
+    have = {(b.op, b.impl, b.shape) for b in baseline.benches}
+    same_gpu = sorted((r for r in stored if r.slug == baseline.slug), key=lambda r: (r.datetime, str(r.path)),
+                      reverse=True)
+    chosen: dict[Path, list[Bench]] = {}
+    for op in sorted({b.op for r in same_gpu for b in r.benches}):
+        for r in same_gpu:
+            benches = r.select(op)
+            if any((b.op, b.impl, b.shape) not in have for b in benches):
+                chosen.setdefault(r.path, []).extend(benches)
+                break
+    by_path = {r.path: r for r in same_gpu}
+    return [Run(p, by_path[p].machine, by_path[p].datetime, tuple(bs), by_path[p].commit)
+            for p, bs in sorted(chosen.items())]
 
 
 def shape_label(shape: tuple[tuple[str, int], ...]) -> str:

@@ -154,6 +154,68 @@ def test_backward_and_training_tables(tmp_path):
     assert train["B16 H16 N4096", "torch_compile-norm"][5] == "4.00× (attn_kernels-norm)"
 
 
+def _stored(tmp_path, name: str, slug: str, date: str, params: dict[str, float], commit: str = "abc1234") -> Path:
+    """A stored run (perf/results-style) of the fixture's benchmarks `params` ({param: median s}), on GPU slug."""
+    by_param = {b["param"]: b for b in _benchmarks()}
+    benchmarks = [{**by_param[p], "stats": {**by_param[p]["stats"], "median": m}} for p, m in params.items()]
+    path = tmp_path / name
+    path.write_text(json.dumps({"benchmarks": benchmarks, "datetime": date, "commit_info": {"id": commit},
+                                "machine_info": {"gpu_slug": slug, "gpu_name": "NVIDIA H200"}}))
+    return path
+
+
+def test_stored_runs_fill_in_what_the_baseline_lacks(tmp_path):
+    """runs.beside_baseline: per op with an id the baseline lacks, that op from the newest stored run of the
+    same GPU; ops the baseline has in full, other GPUs' runs and non-benchmark JSON are left out."""
+    decode = sorted(b["param"] for b in _benchmarks() if b["extra_info"]["op"] == "based_decode")
+    swd = sorted(b["param"] for b in _benchmarks() if b["extra_info"]["op"] == "sliding_window_decode")
+    trimmed = tmp_path / "baseline.json"  # the baseline without one decode id
+    doc = json.loads(FIXTURE.read_text())
+    doc["benchmarks"] = [b for b in doc["benchmarks"] if b["param"] != decode[0]]
+    trimmed.write_text(json.dumps(doc))
+    base = runs.load_run(trimmed)
+    results = tmp_path / "results"
+    results.mkdir()
+    _stored(results, "old.json", base.slug, "2026-01-01", {p: 1e-3 for p in decode}, "old0000")
+    _stored(results, "new.json", base.slug, "2026-02-01", {p: 2e-3 for p in decode + swd}, "new0000")
+    _stored(results, "other-gpu.json", "nvidia-x100", "2026-03-01", {p: 3e-3 for p in decode})
+    (results / "training.json").write_text(json.dumps({"curves": {}}))
+    stored = [runs.load_run(p) for p in runs.stored_runs(results)]
+    assert sorted(r.path.name for r in stored) == ["new.json", "old.json", "other-gpu.json"]
+    extra = runs.beside_baseline(base, stored)
+    assert [r.path.name for r in extra] == ["new.json"]  # the newest; swd is in the baseline in full
+    assert {b.op for b in extra[0].benches} == {"based_decode"} and len(extra[0].benches) == len(decode)
+    assert {b.median_us for b in extra[0].benches} == {2000.0} and extra[0].commit == "new0000"
+    assert runs.beside_baseline(runs.load_run(FIXTURE), stored) == []  # nothing lacking, nothing beside
+
+    md = report.render_markdown([base], beside=report.beside_runs([base], results))
+    head = f"### Not in this baseline yet — from `{(results / 'new.json').name}`"
+    assert head in md and "commit new0000" in md
+    section = md.split(head, 1)[1]
+    rows = [line for line in section.split("\n#### based_decode\n", 1)[1].split("\n## ", 1)[0].splitlines()
+            if line.startswith("| ")][1:]
+    assert len(rows) == len(decode) and all("| 2,000 |" in r for r in rows)
+    assert report.beside_runs([base], None) == {}
+
+
+def test_generate_draws_the_stored_runs_plots_in_their_own_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    decode = [b["param"] for b in _benchmarks() if b["extra_info"]["op"] == "based_decode"]
+    doc = json.loads(FIXTURE.read_text())
+    doc["benchmarks"] = [b for b in doc["benchmarks"] if b["extra_info"]["op"] != "based_decode"]
+    trimmed = tmp_path / "baseline.json"
+    trimmed.write_text(json.dumps(doc))
+    results = tmp_path / "results"
+    results.mkdir()
+    _stored(results, "decode-run.json", runs.load_run(FIXTURE).slug, "2026-02-01", {p: 2e-3 for p in decode})
+    out = tmp_path / "out"
+    written = report.generate([trimmed], out, training_path=tmp_path / "absent.json", results_dir=results)
+    plot = out / "plots" / "nvidia-h200" / "decode-run" / "decode_vs_b.png"
+    assert plot in written and plot.read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "plots" / "nvidia-h200" / "decode_vs_b.png").exists()  # the baseline has no decode
+    assert "](plots/nvidia-h200/decode-run/decode_vs_b.png)" in (out / "REPORT.md").read_text()
+
+
 def _training_data():
     from perf import training
 
