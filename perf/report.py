@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         raise SystemExit(f"perf.report: no runs given and no baselines under {BASELINES}")
     results = None if args.no_results else args.results
+    if results is not None and not results.is_dir():
+        raise SystemExit(f"perf.report: --results must be a folder of stored runs, got {str(results)!r} "
+                         "(--no-results for the baselines alone)")
     if args.report_only:
         runs = sorted((load_run(p) for p in paths), key=lambda r: r.slug)
         written = [Path(args.out) / "REPORT.md"]

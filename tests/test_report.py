@@ -216,6 +216,16 @@ def test_generate_draws_the_stored_runs_plots_in_their_own_folder(tmp_path):
     assert "](plots/nvidia-h200/decode-run/decode_vs_b.png)" in (out / "REPORT.md").read_text()
 
 
+def test_a_results_folder_that_is_not_there_is_refused(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(SystemExit, match="--results must be a folder of stored runs, got .*no-such-folder"):
+        report.main([str(FIXTURE), "--out", str(tmp_path), "--report-only", "--no-readme",
+                     "--results", str(missing)])
+    assert not (tmp_path / "REPORT.md").exists()
+    report.main([str(FIXTURE), "--out", str(tmp_path), "--report-only", "--no-readme", "--no-results"])
+    assert (tmp_path / "REPORT.md").is_file()
+
+
 def _training_data():
     from perf import training
 
