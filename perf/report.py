@@ -195,6 +195,11 @@ def noise_summary(noise: dict, label: str) -> list[str]:
     return lines
 
 
+def ops_in_order(run: Run) -> list[str]:
+    """The run's ops in OP_ORDER; ops it does not name come last."""
+    return sorted({b.op for b in run.benches}, key=lambda o: (OP_ORDER + (o,)).index(o))
+
+
 def beside_plot_dir(extra: Run) -> str:
     """Where a stored run's plots go, relative to REPORT.md: beside its GPU's, in a folder of its own."""
     return f"plots/{extra.slug}/{extra.path.stem}"
@@ -211,7 +216,7 @@ def _beside_section(baseline: Run, extra: Run) -> list[str]:
     names = plot_names(extra)
     if names:
         lines += [" ".join(f"![{n}]({beside_plot_dir(extra)}/{n}.png)" for n in names), ""]
-    for op in sorted({b.op for b in extra.benches}, key=lambda o: (OP_ORDER + (o,)).index(o)):
+    for op in ops_in_order(extra):
         lines += [f"#### {op}", "", *_op_table(extra.select(op)), ""]
     return lines[:-1]
 
@@ -244,7 +249,7 @@ def render_markdown(runs: list[Run], noises: list[tuple[dict, str]] = (),
         names = plot_names(run)
         if names:
             out += [" ".join(f"![{n}](plots/{run.slug}/{n}.png)" for n in names), ""]
-        for op in sorted({b.op for b in run.benches}, key=lambda o: (OP_ORDER + (o,)).index(o)):
+        for op in ops_in_order(run):
             benches = run.select(op)
             out += [f"### {op}", "", *_op_table(benches), ""]
         if generation_rows(run):
@@ -282,7 +287,7 @@ def beside_runs(runs: list[Run], results_dir: Path | None) -> dict[str, list[Run
     None)."""
     if results_dir is None:
         return {}
-    stored = [load_run(p) for p in stored_runs(results_dir)]
+    stored = stored_runs(results_dir)
     return {r.slug: extra for r in runs if (extra := beside_baseline(r, stored))}
 
 

@@ -94,7 +94,11 @@ def _shape(d: dict) -> tuple[tuple[str, int], ...]:
 
 def load_run(path: Path) -> Run:
     """A pytest-benchmark JSON file -> Run (benchmarks without the suite's extra_info are ignored)."""
-    data = json.loads(Path(path).read_text())
+    return _run_of(Path(path), json.loads(Path(path).read_text()))
+
+
+def _run_of(path: Path, data: dict) -> Run:
+    """Run of a parsed pytest-benchmark JSON document read from path."""
     benches = []
     for b in data["benchmarks"]:
         info = b.get("extra_info") or {}
@@ -106,7 +110,7 @@ def load_run(path: Path) -> Run:
             floor_us=float(info["floor_us"]), tokens_per_s=info.get("tokens_per_s"),
             saved_vs_qkvo=info.get("saved_vs_qkvo"),
         ))
-    return Run(Path(path), data.get("machine_info") or {}, data.get("datetime") or "", tuple(benches),
+    return Run(path, data.get("machine_info") or {}, data.get("datetime") or "", tuple(benches),
                str((data.get("commit_info") or {}).get("id") or ""))
 
 
@@ -121,12 +125,13 @@ def newest_baselines(root: Path = BASELINES) -> list[Path]:
     return newest
 
 
-def stored_runs(root: Path = RESULTS) -> list[Path]:
+def stored_runs(root: Path = RESULTS) -> list[Run]:
     """The pytest-benchmark runs stored under root (perf/results/: runs that are not a baseline, e.g. a part of
-    the suite measured before the next whole-suite baseline); other JSON there (the training check's data,
-    the decode drift) is left out."""
+    the suite measured before the next whole-suite baseline), in path order; other JSON there (the training
+    check's data, the decode drift) is left out. Each file is parsed once."""
     files = sorted(Path(root).glob("*.json")) if Path(root).is_dir() else []
-    return [p for p in files if isinstance(json.loads(p.read_text()).get("benchmarks"), list)]
+    docs = ((p, json.loads(p.read_text())) for p in files)
+    return [_run_of(p, d) for p, d in docs if isinstance(d.get("benchmarks"), list)]
 
 
 def beside_baseline(baseline: Run, stored: list[Run]) -> list[Run]:

@@ -180,7 +180,7 @@ def test_stored_runs_fill_in_what_the_baseline_lacks(tmp_path):
     _stored(results, "new.json", base.slug, "2026-02-01", {p: 2e-3 for p in decode + swd}, "new0000")
     _stored(results, "other-gpu.json", "nvidia-x100", "2026-03-01", {p: 3e-3 for p in decode})
     (results / "training.json").write_text(json.dumps({"curves": {}}))
-    stored = [runs.load_run(p) for p in runs.stored_runs(results)]
+    stored = runs.stored_runs(results)
     assert sorted(r.path.name for r in stored) == ["new.json", "old.json", "other-gpu.json"]
     extra = runs.beside_baseline(base, stored)
     assert [r.path.name for r in extra] == ["new.json"]  # the newest; swd is in the baseline in full
