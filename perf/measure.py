@@ -15,6 +15,7 @@ it comes round again). ``forward_saved`` measures the memory a differentiable fo
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -203,17 +204,26 @@ def forward_saved(forward: Callable[..., Any], q, k, v, grad_o) -> dict:
     """{"saved_bytes", "saved_vs_qkvo"}: the memory forward(q, k, v)'s autograd graph holds for the backward
     beyond q, k, v (the caller's) and o, measured: torch.cuda.memory_allocated() after the forward minus
     before, minus o's block, after one warm-up forward + backward (compilation, autotuning and caches are not
-    counted); and that over the bytes of q, k, v and o. q, k, v require grad."""
+    counted); and that over the bytes of q, k, v and o. q, k, v require grad. Python's garbage collector is
+    run before and kept off during the measured forward: a collection inside it frees earlier tests'
+    unreachable tensors (autograd graphs are reference cycles) and once made the difference negative."""
     import torch
 
     with torch.enable_grad():
         torch.autograd.grad(forward(q, k, v), (q, k, v), grad_o)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    with torch.enable_grad():
-        o = forward(q, k, v)
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated() - before - allocator_bytes(o.untyped_storage().nbytes())
+    gc.collect()
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.enable_grad():
+            o = forward(q, k, v)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before - allocator_bytes(o.untyped_storage().nbytes())
+    finally:
+        if gc_was_on:
+            gc.enable()
     qkvo = sum(t.numel() * t.element_size() for t in (q, k, v, o))
     del o
     return {"saved_bytes": int(held), "saved_vs_qkvo": held / qkvo}
