@@ -85,6 +85,23 @@ def test_forward_saved_is_not_moved_by_a_garbage_collection(monkeypatch):
     assert calls[0] == 2
 
 
+def test_torch_compile_peer_compiles_without_donated_buffers(monkeypatch):
+    """Every call of the backward module's torch_compile forward runs with AOTAutograd's donated buffers off:
+    a shape compiles at its first call, whichever that is (forward_saved's, outside the timed backward's set-up,
+    compiled a donating backward and the H200 run of 2026-12-07 skipped all 9 shapes: "compiled with
+    non-empty donated buffers" under retain_graph)."""
+    from torch._functorch import config as functorch_config
+
+    module = _op_module("test_perf_based_prefill_backward")
+    seen = []
+    monkeypatch.setattr(module, "compiled_loopfree",
+                        lambda: lambda *args: seen.append(functorch_config.donated_buffer))
+    forward = module.FORWARD_OF["torch_compile-norm"]
+    assert forward in module.TRAIN_FORWARDS
+    forward.make(None, module.Shape(1, 1, 64))(None, None, None)
+    assert seen == [False] and functorch_config.donated_buffer  # off for the call only
+
+
 # The issues' decode floors count the state (issue 4) or the window's K and V (issue 5) alone; the suite also
 # counts q, k, v read and o written (and the appended k/v), every byte the op must move: up to ~5% more.
 @pytest.mark.parametrize("B,H,floor_us", [(16, 16, 6.7), (64, 16, 26.7), (1024, 16, 428)])
