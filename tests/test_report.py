@@ -316,9 +316,9 @@ def test_gate_section_counts_match_the_noise_data():
     rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")]
                               for line in section.splitlines() if line.startswith("| "))}
     assert rows["the 3% floor"][1] == str(floor)
-    assert rows["the 10% cap (their noise would need more: measure them more stably)"][1] == str(cap) == "2"
+    assert rows["the 10% cap (their noise would need more: measure them more stably)"][1] == str(cap) == "5"
     assert rows["above the floor, up to the cap (3% – 10%)"][1] == str(len(gated) - floor - cap)
-    assert rows["not gated: excluded peers (below)"][1] == str(len(excluded)) == "13"
+    assert rows["not gated: excluded peers (below)"][1] == str(len(excluded)) == "17"
     assert rows["all measured"][1:3] == [str(len(spreads)), f"{100 * _med(spreads.values()):.2f} %"]
     assert rows["attn_kernels' own"][1:3] == [str(len(ours)),
                                               f"{100 * _med([spreads[n] for n in ours]):.2f} %"]
