@@ -292,28 +292,29 @@ def beside_runs(runs: list[Run], results_dir: Path | None) -> dict[str, list[Run
 
 
 def generate(paths: list[Path], out: Path, noise_dir: Path = NOISE_DIR,
-             training_path: Path = training.DATA, results_dir: Path | None = None) -> list[Path]:
-    """Write out/plots/<slug>/*.png and out/REPORT.md (with the noise / gate section of each run's GPU from
-    noise_dir/<gpu-slug>.json) for the runs, the ops that results_dir's stored runs add to them (tables and
-    plots, runs.beside_baseline), and the training check's plot and section where training_path exists;
-    returns the files written."""
-    runs = [load_run(p) for p in paths]
+             training_path: Path = training.DATA, results_dir: Path | None = None,
+             plots: bool = True) -> list[Path]:
+    """Write out/plots/<slug>/*.png (unless plots is False) and out/REPORT.md (with the noise / gate section of
+    each run's GPU from noise_dir/<gpu-slug>.json) for the runs, the ops that results_dir's stored runs add to
+    them (tables and plots, runs.beside_baseline), and the training check's plot and section where
+    training_path exists; returns the files written."""
+    runs = sorted((load_run(p) for p in paths), key=lambda r: r.slug)
     slugs = [r.slug for r in runs]
     dup = sorted({s for s in slugs if slugs.count(s) > 1})
-    if dup:  # plots are stored per GPU model: two runs of one model would overwrite each other's
+    if plots and dup:  # plots are stored per GPU model: two runs of one model would overwrite each other's
         raise SystemExit(f"perf.report: more than one run of GPU {', '.join(dup)}; "
                          "give one run per GPU model")
     written = []
     beside = beside_runs(runs, results_dir)
-    for run in sorted(runs, key=lambda r: r.slug):
-        written += write_plots(run, Path(out) / "plots" / run.slug)
-        for extra in beside.get(run.slug, ()):
-            written += write_plots(extra, Path(out) / beside_plot_dir(extra))
     trained = training_file(training_path)
-    if trained is not None:
-        written.append(training.plot(trained[0], Path(out) / "plots" / f"{training.PLOT}.png"))
+    if plots:
+        for run in runs:
+            written += write_plots(run, Path(out) / "plots" / run.slug)
+            for extra in beside.get(run.slug, ()):
+                written += write_plots(extra, Path(out) / beside_plot_dir(extra))
+        if trained is not None:
+            written.append(training.plot(trained[0], Path(out) / "plots" / f"{training.PLOT}.png"))
     report = Path(out) / "REPORT.md"
-    runs = sorted(runs, key=lambda r: r.slug)
     report.write_text(render_markdown(runs, noise_files(runs, noise_dir), trained, beside))
     return written + [report]
 
@@ -339,13 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if results is not None and not results.is_dir():
         raise SystemExit(f"perf.report: --results must be a folder of stored runs, got {str(results)!r} "
                          "(--no-results for the baselines alone)")
-    if args.report_only:
-        runs = sorted((load_run(p) for p in paths), key=lambda r: r.slug)
-        written = [Path(args.out) / "REPORT.md"]
-        written[0].write_text(render_markdown(runs, noise_files(runs, args.noise), training_file(),
-                                              beside_runs(runs, results)))
-    else:
-        written = generate(paths, args.out, args.noise, results_dir=results)
+    written = generate(paths, args.out, args.noise, results_dir=results, plots=not args.report_only)
     if not args.no_readme and drift.update_readme():
         written.append(drift.README)
     for path in written:
