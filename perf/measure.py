@@ -7,6 +7,9 @@
   ``torch.cuda.CUDAGraph``; each round = spin kernel, start event, one replay, end event; per-step time is
   replay time / K. This is how decode is served.
 
+Both run the op back to back for SETTLE_S of device time (``settle``) before pytest-benchmark's warm-up and
+timed rounds, so what ran before does not set the clocks the rounds see.
+
 Each round advances the clock pytest-benchmark reads (perf.clock) by its event time / op executions.
 ``rotation_count`` sizes the rotation so the sets together hold >= 3x the L2 (no set is still cached when
 it comes round again). ``forward_saved`` measures the memory a differentiable forward keeps for its backward
@@ -28,6 +31,13 @@ EAGER_REGION_S = 300e-6  # eager rounds run enough op calls to fill at least thi
 SLOW_OP_BUDGET_S = 1.5  # per-benchmark time budget for the timed rounds of slow ops
 MIN_ROUNDS_SLOW = 10  # fewest rounds, even for slow ops (each then >= ~100 ms: tiny spread)
 MAX_SLEEP_S = 0.25  # longest spin kernel put in front of a round
+# Before its timed rounds every benchmark runs its op back to back for this much device time (at most
+# SETTLE_WALL_S of host time, for host-bound tiny ops), in batches of about SETTLE_BATCH_S. After a heavy test
+# (cuDNN's band-masked attention, 70-86 ms per call for seconds) the next test's first rounds ran slow: the stored
+# rounds of our (4,16,32768) W = 256 sliding-window prefill read 1218 us for 19 rounds, then 1002 us (H100).
+SETTLE_S = 0.2
+SETTLE_WALL_S = 2.0
+SETTLE_BATCH_S = 0.02
 
 
 def rotation_count(bytes_per_set: int, *, min_sets: int, max_sets: int) -> int:
@@ -102,6 +112,24 @@ def _pedantic(benchmark, work: Callable[[], Any], n_ops: int, host_s: float, rou
     clock.verify(benchmark, device_clock, rounds, warmup_rounds)
 
 
+def settle(work: Callable[[], Any], unit_s: float, *, device_s: float = SETTLE_S,
+           wall_s: float = SETTLE_WALL_S) -> float:
+    """Run work() (one unit of unit_s device seconds) back to back, synchronizing after each batch of
+    ~SETTLE_BATCH_S, until device_s of device time has run or wall_s of host time has passed (at least one
+    batch); returns the device seconds run. The timed rounds then start from the op's own steady clocks."""
+    per_batch = max(1, math.ceil(SETTLE_BATCH_S / max(unit_s, 1e-7)))
+
+    def batch() -> None:
+        for _ in range(per_batch):
+            work()
+
+    done, t0 = 0.0, time.perf_counter()
+    while True:
+        done += _event_time(batch, 0.0)[0]
+        if done >= device_s or time.perf_counter() - t0 >= wall_s:
+            return done
+
+
 def _finish(benchmark, info: dict) -> None:
     if benchmark.stats is not None and not benchmark.disabled:
         info["pct_of_floor"] = cost.pct_of_floor(info, benchmark.stats.stats.median)
@@ -132,6 +160,7 @@ def bench_eager(benchmark, fn: Callable[..., Any], sets: Sequence[tuple], info: 
             fn(*sets[state["i"] % n_sets])
             state["i"] += 1
 
+    settle(calls, t_call * n_inner)
     _pedantic(benchmark, calls, n_inner, host * n_inner, rounds, warmup_rounds)
     _finish(benchmark, info)
 
@@ -186,6 +215,7 @@ def bench_graph(benchmark, step: Callable[..., Any], sets: Sequence[tuple], info
         warmup_rounds = min(warmup_rounds, 1)
 
     try:
+        settle(g.replay, t_rep)
         _pedantic(benchmark, g.replay, K, host, rounds, warmup_rounds)
     finally:
         del g

@@ -282,3 +282,73 @@ def test_timer_name_is_importable_as_pytest_benchmark_loads_it():
 
     timer = load_timer(clock.TIMER)
     assert timer.target is clock.cuda_event_device_clock and str(timer) == clock.TIMER
+
+
+# --------------------------------------------------------------------------------------------------
+# perf.measure.settle: back-to-back work before the timed rounds
+# --------------------------------------------------------------------------------------------------
+def _fake_events(monkeypatch, unit_s):
+    """measure._event_time without a GPU: runs fn and charges unit_s per work() call it made."""
+    from perf import measure
+
+    calls = []
+
+    def event_time(fn, spin_s):
+        before = len(calls)
+        fn()
+        return (len(calls) - before) * unit_s, 1e-6
+
+    monkeypatch.setattr(measure, "_event_time", event_time)
+    return calls
+
+
+def test_settle_runs_the_op_for_its_device_time(monkeypatch):
+    from perf import measure
+
+    calls = _fake_events(monkeypatch, 1e-3)
+    done = measure.settle(lambda: calls.append(1), 1e-3, device_s=0.19, wall_s=60)
+    # batches of 20 calls (SETTLE_BATCH_S / 1 ms) until 0.19 s: 10 batches, not one more
+    assert len(calls) == 200 and done == pytest.approx(0.2)
+    slow = _fake_events(monkeypatch, 0.5)
+    measure.settle(lambda: slow.append(1), 0.5, device_s=0.2, wall_s=60)  # a slow op: one call
+    assert len(slow) == 1
+
+
+def test_settle_stops_at_its_wall_time(monkeypatch):
+    from perf import measure
+
+    calls = _fake_events(monkeypatch, 1e-6)  # host-bound: device time hardly moves
+    measure.settle(lambda: calls.append(1), 1e-6, device_s=0.2, wall_s=0.0)
+    assert len(calls) == round(measure.SETTLE_BATCH_S / 1e-6)  # one batch, then the wall limit
+
+
+@pytest.mark.parametrize("timing", ["eager", "graph"])
+def test_benchmarks_settle_before_their_timed_rounds(monkeypatch, timing):
+    """bench_eager and bench_graph run settle on the op they time, before pytest-benchmark's rounds."""
+    import torch
+
+    from perf import measure
+
+    order = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(measure, "_event_time", lambda fn, spin_s: (fn(), (1e-3, 1e-5))[1])
+    monkeypatch.setattr(measure, "settle", lambda work, unit_s: order.append(("settle", work, unit_s)))
+    monkeypatch.setattr(measure, "_pedantic", lambda benchmark, work, *a: order.append(("timed", work)))
+    monkeypatch.setattr(measure, "_finish", lambda benchmark, info: None)
+    op = []
+    sets = [(1,), (2,)]
+    if timing == "eager":
+        measure.bench_eager(None, lambda x: op.append(x), sets, {}, rounds=5, warmup_rounds=1)
+    else:
+        class Graph:
+            def replay(self):
+                op.append("replay")
+
+        monkeypatch.setattr(measure, "capture_steps", lambda step, sets, context=None: Graph())
+        measure.bench_graph(None, lambda x: None, sets, {}, rounds=5, warmup_rounds=1)
+    assert [o[0] for o in order] == ["settle", "timed"]
+    (_, settled, unit_s), (_, timed) = order
+    assert settled == timed and unit_s > 0  # the same work, the timed rounds' unit
+    before = len(op)
+    settled()
+    assert len(op) > before  # it runs the op
