@@ -21,6 +21,11 @@ The gate FAILS (exit 1) when any of these holds, and says which:
 * the run is empty (no benchmark ran: the empty file pytest-benchmark leaves when every test skipped);
 * there is no baseline for the run's GPU (record one with ``nox -s perf_save -- NAME``).
 
+Also reported, never a failure: benchmarks of the run whose timed rounds drifted, i.e. the median of the
+first third of the rounds (stored in order in the run JSON, ``stats.data``) and of the last third differ by
+more than DRIFT_LIMIT: their median may not be the code's steady speed (perf/README.md, "Settled before
+timing").
+
 A noise file may list reviewed exclusions, ``"excluded": {fullname: reason}``: peers whose noise would need
 more than the cap. They are reported, not gated. An attn_kernels id in that list makes the gate refuse the
 noise file. Benchmarks only in the run are reported as new. A baseline or noise file from another GPU
@@ -55,6 +60,10 @@ OPTIONAL_PEERS = {"fla_": "fla", "flash_attn": "flash_attn", "thunderkittens": "
 # "fla (fla-core) not available: `import fla.ops.based` failed: ModuleNotFoundError: No module named 'fla'"
 _NOT_INSTALLED = re.compile(r"`import (?P<module>[\w.]+)` failed: ModuleNotFoundError: "
                             r"No module named '(?P<missing>[\w.]+)'")
+
+# Reported when the first and last third of a benchmark's timed rounds differ by more than this.
+DRIFT_LIMIT = 0.03
+DRIFT_MIN_ROUNDS = 9  # fewer rounds than this give thirds too short to compare
 
 EXIT_OK, EXIT_FAIL, EXIT_REFUSED = 0, 1, 2
 EXIT_REGRESSION = EXIT_FAIL  # the name the first version used
@@ -118,6 +127,7 @@ class GateResult:
     excluded: dict[str, str] = field(default_factory=dict)  # reviewed exclusions met in baseline/run
     skipped: dict[str, str] = field(default_factory=dict)  # what the run recorded as skipped, with reasons
     run_slowdown: list[str] = field(default_factory=list)  # ops the run slowed on purpose (the proof)
+    drifted: dict[str, float] = field(default_factory=dict)  # run benchmarks whose rounds drifted -> ratio
     empty: bool = False  # the run holds no benchmark
 
     @property
@@ -160,6 +170,30 @@ def medians(doc: dict) -> dict[str, float]:
     """Full test name -> median seconds, from a pytest-benchmark JSON."""
     return {b["fullname"]: b["stats"]["median"] for b in doc.get("benchmarks", [])
             if (b.get("stats") or {}).get("median")}
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def drift(rounds: list[float] | None) -> float | None:
+    """Median of the first third of the timed rounds / median of the last third (None: too few rounds)."""
+    if not rounds or len(rounds) < DRIFT_MIN_ROUNDS:
+        return None
+    k = len(rounds) // 3
+    return _median(rounds[:k]) / _median(rounds[-k:])
+
+
+def drifted(doc: dict, limit: float = DRIFT_LIMIT) -> dict[str, float]:
+    """Full test name -> drift ratio, for the benchmarks whose rounds drifted by more than limit."""
+    out = {}
+    for b in doc.get("benchmarks", []):
+        r = drift((b.get("stats") or {}).get("data"))
+        if r is not None and abs(r - 1.0) > limit:
+            out[b["fullname"]] = r
+    return out
 
 
 def excluded_of(noise: dict | None) -> dict[str, str]:
@@ -217,7 +251,8 @@ def compare(baseline: dict, run: dict, noise: dict | None = None,
     skipped = dict(sorted((run.get("skipped") or {}).items()))
     limits = thresholds(noise, new, default_threshold)
     result = GateResult(baseline_slug=base_slug, skipped=skipped, empty=not new,
-                        run_slowdown=(run.get("machine_info") or {}).get("perf_slowdown") or [])
+                        run_slowdown=(run.get("machine_info") or {}).get("perf_slowdown") or [],
+                        drifted=drifted(run))
     for name, median in new.items():
         if name in excluded:
             result.excluded[name] = excluded[name]
@@ -282,6 +317,10 @@ def format_report(result: GateResult, *, run_label: str = "run", baseline_label:
         lines.append(f"  gated at the {MAX_THRESHOLD:.0%} cap, their noise would need more "
                      f"(measure them more stably): {len(capped)}")
         lines.extend(f"    {c.wanted:.1%}  {c.name}" for c in capped)
+    if result.drifted:
+        lines.append(f"  rounds drifted (first / last third of the timed rounds beyond {DRIFT_LIMIT:.0%}; the "
+                     f"median may not be the steady speed): {len(result.drifted)}")
+        lines.extend(f"    {r:.3f}  {name}" for name, r in sorted(result.drifted.items()))
     if result.excused:
         lines.append(f"  missing, excused (optional peer not installed): {len(result.excused)}")
         lines.extend(f"    {name}  -- {why}" for name, why in result.excused.items())

@@ -60,6 +60,25 @@ def test_new_benchmarks_reported_missing_optional_peer_excused():
     assert gate.compare(load(BASELINE), _unchanged_run(), load(NOISE)).ok
 
 
+def test_drifted_rounds_reported_never_failing():
+    """A run benchmark whose first third of timed rounds is > 3 % off its last third is listed (the stored
+    H100 0003 rounds of one id: 1218 us for 19 rounds, then 1002), never a failure; steady or short ones are
+    not."""
+    assert gate.drift([2.0] * 6 + [1.0] * 6) == 2.0 and gate.drift([1.0, 5.0, 1.0] * 4) == 1.0
+    assert gate.drift([1.0] * (gate.DRIFT_MIN_ROUNDS - 1)) is None and gate.drift(None) is None
+    run = _unchanged_run()
+    rounds = {DEC32: [1218e-6] * 19 + [1002e-6] * 11, DEC16: [1e-5, 1.02e-5] * 15, PREFILL: [9e-5, 5e-5] * 4}
+    for b in run["benchmarks"]:
+        if b["fullname"] in rounds:
+            b["stats"]["data"] = rounds[b["fullname"]]
+    result = gate.compare(load(BASELINE), run, load(NOISE))
+    assert result.drifted == {DEC32: pytest.approx(1218 / 1002)} and result.ok
+    report = gate.format_report(result)
+    assert f"rounds drifted (first / last third of the timed rounds beyond 3%; the median may not be the " \
+           f"steady speed): 1\n    1.216  {DEC32}" in report
+    assert "drifted" not in gate.format_report(gate.compare(load(BASELINE), load(RUN), load(NOISE)))
+
+
 def test_missing_baseline_benchmark_fails():
     run = _unchanged_run()
     run["benchmarks"] = [b for b in run["benchmarks"] if b["fullname"] != SWA_TORCH]
