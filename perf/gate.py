@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,25 +173,19 @@ def medians(doc: dict) -> dict[str, float]:
             if (b.get("stats") or {}).get("median")}
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
-def drift(rounds: list[float] | None) -> float | None:
+def rounds_drift(rounds: list[float] | None) -> float | None:
     """Median of the first third of the timed rounds / median of the last third (None: too few rounds)."""
     if not rounds or len(rounds) < DRIFT_MIN_ROUNDS:
         return None
     k = len(rounds) // 3
-    return _median(rounds[:k]) / _median(rounds[-k:])
+    return statistics.median(rounds[:k]) / statistics.median(rounds[-k:])
 
 
 def drifted(doc: dict, limit: float = DRIFT_LIMIT) -> dict[str, float]:
     """Full test name -> drift ratio, for the benchmarks whose rounds drifted by more than limit."""
     out = {}
     for b in doc.get("benchmarks", []):
-        r = drift((b.get("stats") or {}).get("data"))
+        r = rounds_drift((b.get("stats") or {}).get("data"))
         if r is not None and abs(r - 1.0) > limit:
             out[b["fullname"]] = r
     return out

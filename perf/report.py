@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -131,11 +132,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def noise_summary(noise: dict, label: str) -> list[str]:
     """The "Regression gate" section of REPORT.md for one noise file: how many benchmarks are gated at
     which threshold (perf/gate.py's rule, cap included), the median spread, the worst of ours and every
@@ -166,7 +162,7 @@ def noise_summary(noise: dict, label: str) -> list[str]:
                         ("peers", {n: e for n, e in measured.items() if n not in ours})):
         spreads = [e["spread"] for e in group.values()]
         worst = max(group, key=lambda n: group[n]["spread"]) if group else None
-        lines.append(f"| {what} | {len(group)} | {_pct(_median(spreads)) if spreads else '—'} | "
+        lines.append(f"| {what} | {len(group)} | {_pct(statistics.median(spreads)) if spreads else '—'} | "
                      + (f"{_pct(group[worst]['spread'])} (`{worst.split('::')[-1]}`)" if worst else "—")
                      + " |")
     lines += [
