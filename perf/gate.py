@@ -313,8 +313,8 @@ def format_report(result: GateResult, *, run_label: str = "run", baseline_label:
                      f"(measure them more stably): {len(capped)}")
         lines.extend(f"    {c.wanted:.1%}  {c.name}" for c in capped)
     if result.drifted:
-        lines.append(f"  rounds drifted (first / last third of the timed rounds beyond {DRIFT_LIMIT:.0%}; the "
-                     f"median may not be the steady speed): {len(result.drifted)}")
+        lines.append(f"  rounds drifted (first / last third of the timed rounds beyond {DRIFT_LIMIT:.0%}; "
+                     f"the median may not be the steady speed): {len(result.drifted)}")
         lines.extend(f"    {r:.3f}  {name}" for name, r in sorted(result.drifted.items()))
     if result.excused:
         lines.append(f"  missing, excused (optional peer not installed): {len(result.excused)}")

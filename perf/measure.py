@@ -32,9 +32,10 @@ SLOW_OP_BUDGET_S = 1.5  # per-benchmark time budget for the timed rounds of slow
 MIN_ROUNDS_SLOW = 10  # fewest rounds, even for slow ops (each then >= ~100 ms: tiny spread)
 MAX_SLEEP_S = 0.25  # longest spin kernel put in front of a round
 # Before its timed rounds every benchmark runs its op back to back for this much device time (at most
-# SETTLE_WALL_S of host time, for host-bound tiny ops), in batches of about SETTLE_BATCH_S. After a heavy test
-# (cuDNN's band-masked attention, 70-86 ms per call for seconds) the next test's first rounds ran slow: the stored
-# rounds of our (4,16,32768) W = 256 sliding-window prefill read 1218 us for 19 rounds, then 1002 us (H100).
+# SETTLE_WALL_S of host time, for host-bound tiny ops), in batches of about SETTLE_BATCH_S. After a heavy
+# test (cuDNN's band-masked attention, 70-86 ms per call for seconds) the next test's first rounds ran slow:
+# the stored rounds of our (4,16,32768) W = 256 sliding-window prefill read 1218 us for 19 rounds, then
+# 1002 us (H100).
 SETTLE_S = 0.2
 SETTLE_WALL_S = 2.0
 SETTLE_BATCH_S = 0.02
