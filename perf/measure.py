@@ -8,7 +8,7 @@
   replay time / K. This is how decode is served.
 
 Both run the op back to back for SETTLE_S of device time (``settle``) before pytest-benchmark's warm-up and
-timed rounds, so what ran before does not set the clocks the rounds see.
+timed rounds, so what ran before (a heavy peer) does not slow the first rounds.
 
 Each round advances the clock pytest-benchmark reads (perf.clock) by its event time / op executions.
 ``rotation_count`` sizes the rotation so the sets together hold >= 3x the L2 (no set is still cached when
@@ -117,7 +117,7 @@ def settle(work: Callable[[], Any], unit_s: float, *, device_s: float = SETTLE_S
            wall_s: float = SETTLE_WALL_S) -> float:
     """Run work() (one unit of unit_s device seconds) back to back, synchronizing after each batch of
     ~SETTLE_BATCH_S, until device_s of device time has run or wall_s of host time has passed (at least one
-    batch); returns the device seconds run. The timed rounds then start from the op's own steady clocks."""
+    batch); returns the device seconds run. The timed rounds then start from the op's own steady state."""
     per_batch = max(1, math.ceil(SETTLE_BATCH_S / max(unit_s, 1e-7)))
 
     def batch() -> None:
