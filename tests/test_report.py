@@ -2,6 +2,7 @@
 benchmarks trimmed from the H200 baseline, plus hand-made based_generation results), and README.md's
 generated state-precision block (perf/drift.py). CPU only."""
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -292,11 +293,6 @@ def _gate_section(md: str) -> str:
     return "## Regression gate" + md.split("\n## Regression gate", 1)[1].split("\n## ", 1)[0]
 
 
-def _med(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def test_gate_section_counts_match_the_noise_data():
     """Counted here from the raw medians, independently of perf/report.py and perf/gate.py's helpers."""
     noise = json.loads(NOISE_H200.read_text())
@@ -319,9 +315,9 @@ def test_gate_section_counts_match_the_noise_data():
     assert rows["the 10% cap (their noise would need more: measure them more stably)"][1] == str(cap) == "5"
     assert rows["above the floor, up to the cap (3% – 10%)"][1] == str(len(gated) - floor - cap)
     assert rows["not gated: excluded peers (below)"][1] == str(len(excluded)) == "17"
-    assert rows["all measured"][1:3] == [str(len(spreads)), f"{100 * _med(spreads.values()):.2f} %"]
+    assert rows["all measured"][1:3] == [str(len(spreads)), f"{100 * statistics.median(spreads.values()):.2f} %"]
     assert rows["attn_kernels' own"][1:3] == [str(len(ours)),
-                                              f"{100 * _med([spreads[n] for n in ours]):.2f} %"]
+                                              f"{100 * statistics.median([spreads[n] for n in ours]):.2f} %"]
     for name in excluded:  # every exclusion listed with its reason
         assert f"- `{name.split('::')[1]}`: {noise['excluded'][name]}" in section
 
