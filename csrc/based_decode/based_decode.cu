@@ -105,24 +105,23 @@ __device__ void load_in_vec(const In* p, float (&x)[kN]) {
 }
 
 // PDL: at most 64 registers (4 blocks per SM), so a step's blocks and the next step's early-scheduled
-// ones fit on an SM together at B*H = 256 (2 + 2 blocks per SM). Pooled: the same bound keeps the
-// contiguous kernel's 4 blocks per SM (unbounded, fp16 inputs with an fp32 state take 68 registers).
-// No minimum otherwise.
+// ones fit on an SM together at B*H = 256 (2 + 2 blocks per SM). No minimum otherwise. The pooled kernel
+// takes the contiguous one's bounds, division and z store: with its own (4 blocks per SM always, a 32-bit
+// division, z stored early) it lost 2-4 % to the contiguous kernel even with identity indices, which these
+// choices alone explain (perf/notes/based_decode.md, "The pooled kernel's own cost").
 template <typename In, typename St, int kSplit, bool kPdl, bool kPooled>
-__global__ void __launch_bounds__(256, kPdl || kPooled ? 4 : 0)
+__global__ void __launch_bounds__(256, kPdl ? 4 : 0)
     based_decode_kernel(const BasedDecodeParams p) {
   using T = DecodeTile<In, St, kSplit>;
   constexpr int kF = T::kF, kVec = T::kVec;
-  constexpr bool kEarlyZ = kPooled && kSplit == 1;
   __shared__ float phik_s[kF], phiq_s[kF];
   __shared__ float den_s[T::kFeatWarps];
   __shared__ float red_s[T::kWarps][T::kCols];
 
   const int64_t head = blockIdx.x / kSplit;  // flat b * H + h
   const int split = blockIdx.x % kSplit;
-  // The pooled kernel divides in 32 bits (head < 2^31): b addresses its first load, the state index.
-  const int64_t b = kPooled ? int64_t(unsigned(head) / unsigned(p.H)) : head / p.H;
-  const int64_t h = kPooled ? int64_t(unsigned(head) % unsigned(p.H)) : head % p.H;
+  const int64_t b = head / p.H;
+  const int64_t h = head % p.H;
   const int col0 = split * T::kCols;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int cv = tid % T::kVecsPerRow;  // which 16-byte column slice of a row
@@ -196,11 +195,6 @@ __global__ void __launch_bounds__(256, kPdl || kPooled ? 4 : 0)
     phik_s[tid] = fk, phiq_s[tid] = fq;
     z_new = StateElem<St>::load1(z + tid) + fk;
     den_part = fq * z_new;
-    // A pooled block cannot recompute z's address from blockIdx at the end (it came from a load); with no
-    // cluster to wait for, it stores z now instead of holding the address (a spill at 64 registers).
-    if constexpr (kEarlyZ) {
-      if (!AK_MUTANT(decode_z_not_updated)) StateElem<St>::store1(z + tid, z_new);
-    }
   }
   if constexpr (kSplit > 1) {
     // This block has read z (its value is used above); split 0 may overwrite it after the wait.
@@ -260,7 +254,7 @@ __global__ void __launch_bounds__(256, kPdl || kPooled ? 4 : 0)
   }
 
   if constexpr (kSplit > 1) cluster_wait_acquire();
-  if (!kEarlyZ && split == 0 && tid < kF && !AK_MUTANT(decode_z_not_updated))
+  if (split == 0 && tid < kF && !AK_MUTANT(decode_z_not_updated))
     StateElem<St>::store1(z + tid, z_new);
 }
 
