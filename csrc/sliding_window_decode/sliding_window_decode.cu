@@ -341,12 +341,18 @@ __global__ void __launch_bounds__(SwdTile<kE, kSteps>::kThreads, SwdTile<kE, kSt
   const bool guessed = it.guess_row(p);
   const auto addrs = it.first_addrs(p);
   addrs.wait_after();
+  // The next grid may be scheduled once this one is past its wait (it waits for this whole grid before
+  // touching memory). Pooled: trigger before the loads; placed after them, ptxas hoists the first use of
+  // the after-wait pool row (an L2 round trip) above the trigger and each step's successor launches that
+  // much later (SASS; H100 probe: 0.965x at B16 and B64). Contiguous: after the loads, where the early
+  // trigger measured 1.036x slower at B64 (perf/notes/sliding_window_decode.md).
+  if constexpr (kPooled) griddep_launch_dependents();
   ItemLoads<kSteps> L;
   it.load_first(addrs, guessed, L);
   // A memory-ordering point that ptxas does not sink loads below: every load above is in flight
   // before the first instruction that waits on one (SASS).
   __syncwarp();
-  griddep_launch_dependents();
+  if constexpr (!kPooled) griddep_launch_dependents();
   // Uniform over the CTA: every thread read the same index after the wait.
   if (!it.take_row(p, guessed, L)) return;
   it.finish(p, L, sm_acc, sm_ml);
