@@ -4,7 +4,9 @@ implementations are the ``IMPLS`` records (perf.impls.Impl).
 
 attn_kernels and the reference include the cache append; the attention-only peers do not (issue 5).
 attn_kernels-pooled is attn_kernels with cache pools: rows of pools of P = 2B rows named by shuffled
-cache_indices (issue 17), at every shape attn_kernels runs (target: <= 1.05x attn_kernels).
+cache_indices (issue 17), at every shape attn_kernels runs (target: <= 1.05x attn_kernels). All sets of a
+shape share one cache_indices, as all layers of a served step share the batch's (each set is one layer with
+its own pools), like the Based decode benchmark's slot map.
 Ids: test_perf_sliding_window_decode[<impl>-B<B>-H<H>-W<W>-e<e>-bf16].
 """
 from __future__ import annotations
@@ -72,12 +74,17 @@ def _ring_set(s: Shape):
     return _r(B, H, e), _r(B, H, e), _r(B, H, e), _r(B, H, W, e), _r(B, H, W, e), _positions(B, W)
 
 
+_ROWS: dict[int, torch.Tensor] = {}
+
+
 def _pooled_set(s: Shape):
-    """As _ring_set, with (2B, H, W, e) pools for caches and the pool row of each sequence, shuffled."""
+    """As _ring_set, with (2B, H, W, e) pools for caches and the pool row of each sequence, shuffled: one
+    row map per batch size, shared by every set (layer)."""
     B, H, W, e = s
-    rows = torch.randperm(2 * B, device="cuda")[:B].to(torch.int32)
+    if B not in _ROWS:
+        _ROWS[B] = torch.randperm(2 * B, device="cuda")[:B].to(torch.int32)
     pools = _r(2 * B, H, W, e), _r(2 * B, H, W, e)
-    return _r(B, H, e), _r(B, H, e), _r(B, H, e), *pools, _positions(B, W), rows
+    return _r(B, H, e), _r(B, H, e), _r(B, H, e), *pools, _positions(B, W), _ROWS[B]
 
 
 def _last_w_set(s: Shape):
