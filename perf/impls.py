@@ -146,3 +146,17 @@ def randn(*shape, dtype, device="cuda", std: float = 1.0):
     import torch
 
     return torch.randn(*shape, dtype=torch.float32, device=device).mul_(std).to(dtype)
+
+
+_POOL_ROWS: dict = {}
+
+
+def pool_rows(B: int):
+    """(B,) int32 on the GPU: B distinct shuffled rows of a pool of 2B, the pooled benchmarks' slot map. One map
+    per B, shared by every set of the rotation and every benchmark, as all layers of a served step share the
+    batch's (each set is one layer with its own pool)."""
+    import torch
+
+    if B not in _POOL_ROWS:
+        _POOL_ROWS[B] = torch.randperm(2 * B, device="cuda")[:B].to(torch.int32)
+    return _POOL_ROWS[B]

@@ -15,7 +15,7 @@ import torch
 
 from attn_kernels.reference import feature_map_compact, feature_map_expanded
 from perf.cost import F_COMPACT, F_EXPANDED, decode_cost
-from perf.impls import FLA_MISSING, GRAPH, OPTIONAL, OURS, TORCH, Impl, bench, randn
+from perf.impls import FLA_MISSING, GRAPH, OPTIONAL, OURS, TORCH, Impl, bench, pool_rows, randn
 
 OP = "based_decode"
 D, E = 16, 64
@@ -126,19 +126,13 @@ def _ours(ak, s: Shape):
     return lambda q, k, v, S, z: ak.based_decode(q, k, v, (S, z), eps=EPS)
 
 
-_SLOT_MAPS: dict[int, torch.Tensor] = {}
-
-
 def _pooled_inputs(state_dtype: torch.dtype):
     """-> shape -> one (q, k, v, S, z, state_indices) set: a pool of P = 2B slots, row b using slot
-    state_indices[b], B distinct slots shuffled. All sets of a shape share one slot map, as all layers of a
-    served step share the batch's (each set is one layer with its own pool)."""
+    state_indices[b] (perf.impls.pool_rows: B distinct slots shuffled, one map shared by every set)."""
 
     def make(s: Shape):
         S, z = _state(2 * s.B, s.H, F, state_dtype)
-        if s.B not in _SLOT_MAPS:
-            _SLOT_MAPS[s.B] = torch.randperm(2 * s.B, device="cuda")[: s.B].to(torch.int32)
-        return (*_qkv(s.B, s.H), S, z, _SLOT_MAPS[s.B])
+        return (*_qkv(s.B, s.H), S, z, pool_rows(s.B))
 
     return make
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from perf.cost import sliding_window_cost
-from perf.impls import (FLA_MISSING, GRAPH, OPTIONAL, OURS, REFERENCE_MISSING, TORCH, Impl, bench, randn,
-                        sdpa_backend)
+from perf.impls import (FLA_MISSING, GRAPH, OPTIONAL, OURS, REFERENCE_MISSING, TORCH, Impl, bench, pool_rows,
+                        randn, sdpa_backend)
 
 OP = "sliding_window_decode"
 DTYPE = torch.bfloat16
@@ -74,17 +74,12 @@ def _ring_set(s: Shape):
     return _r(B, H, e), _r(B, H, e), _r(B, H, e), _r(B, H, W, e), _r(B, H, W, e), _positions(B, W)
 
 
-_ROWS: dict[int, torch.Tensor] = {}
-
-
 def _pooled_set(s: Shape):
-    """As _ring_set, with (2B, H, W, e) pools for caches and the pool row of each sequence, shuffled: one
-    row map per batch size, shared by every set (layer)."""
+    """As _ring_set, with (2B, H, W, e) pools for caches and the pool row of each sequence (perf.impls.pool_rows:
+    shuffled, one map shared by every set)."""
     B, H, W, e = s
-    if B not in _ROWS:
-        _ROWS[B] = torch.randperm(2 * B, device="cuda")[:B].to(torch.int32)
     pools = _r(2 * B, H, W, e), _r(2 * B, H, W, e)
-    return _r(B, H, e), _r(B, H, e), _r(B, H, e), *pools, _positions(B, W), _ROWS[B]
+    return _r(B, H, e), _r(B, H, e), _r(B, H, e), *pools, _positions(B, W), pool_rows(B)
 
 
 def _last_w_set(s: Shape):
