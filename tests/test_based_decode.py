@@ -319,6 +319,56 @@ def test_pooled_graph_replays_with_new_indices(state_dtype):
         assert_bitwise(f"z pool after replay {replay}", pool[1], z_exp)
 
 
+@requires_cuda
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
+def test_pooled_indices_written_by_the_previous_kernel(state_dtype):
+    """A small batch's pooled kernel guesses its slot before waiting on the previous grid (PDL) and must
+    correct the guess with the index read after the wait. Here the previous kernel writes the indices:
+    state_indices is an int32 view of a sliding_window_decode cache slot that the call just before overwrites
+    (its k_new holds the new indices' bits; that kernel lets its dependents launch before it writes). Whether
+    a block saw the old indices is timing; whatever it saw, every step must give bitwise what contiguous
+    decode gives on the slots the new indices name, and leave the other slots alone."""
+    B1, H1, W1, e1, slot = 64, 16, 256, 128, 7  # the writer: several waves, its last CTA writes the indices
+    B, H, P, pairs = 4, 4, 40, 6  # 16 heads, 4 blocks each: the PDL-launched grid that guesses (kGuess)
+    dt = torch.bfloat16
+    c1 = [torch.randn(B1, H1, W1, e1, device="cuda").to(dt) for _ in range(2)]
+    q1, vn1 = (torch.randn(B1, H1, e1, device="cuda", dtype=dt) for _ in range(2))
+    pos1 = torch.full((B1,), slot, dtype=torch.int32, device="cuda")
+    idx = c1[0][B1 - 1, H1 - 1, slot, :2 * B].view(torch.int32)  # (B,) int32 in the slot's first 64 bytes
+    sets = [slot_map(B, P, "cuda") for _ in range(pairs + 1)]
+    kn1 = [torch.randn(B1, H1, e1, device="cuda", dtype=dt) for _ in range(pairs)]
+    for i in range(pairs):
+        kn1[i][B1 - 1, H1 - 1, :2 * B] = sets[i + 1].view(dt)
+    steps = [dict(q=torch.randn(B, H, 16, device="cuda", dtype=dt), k=torch.randn(B, H, 16, device="cuda", dtype=dt),
+                  v=torch.randn(B, H, 64, device="cuda", dtype=dt), pool=prior_state(P, H, "cuda", state_dtype, tokens=8))
+             for _ in range(pairs)]
+
+    def run_pairs():
+        outs = []
+        for i, s in enumerate(steps):
+            ak.sliding_window_decode(q1, kn1[i], vn1, *c1, pos1, window=W1)
+            outs.append(ak.based_decode(s["q"], s["k"], s["v"], s["pool"], state_indices=idx))
+        return outs
+
+    idx.copy_(sets[0])
+    run_pairs()  # loads both kernels (eager: the host checks each set of indices)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run_pairs()
+    for replay in range(5):
+        idx.copy_(sets[0])
+        before = [tuple(t.clone() for t in s["pool"]) for s in steps]
+        expected = [pooled_expectation(s["q"], s["k"], s["v"], before[i], sets[i + 1]) for i, s in enumerate(steps)]
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, s in enumerate(steps):
+            o_exp, S_exp, z_exp = expected[i]
+            assert_bitwise(f"o of step {i}, replay {replay}", outs[i], o_exp)
+            assert_bitwise(f"S pool of step {i}, replay {replay}", s["pool"][0], S_exp)
+            assert_bitwise(f"z pool of step {i}, replay {replay}", s["pool"][1], z_exp)
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
 def test_cpu_pooled_op(state_dtype):
     run_pooled_and_check(3, 2, torch.bfloat16, state_dtype, True, True, "cpu", padding=1)

@@ -17,8 +17,9 @@
 // in-place state may be its outputs.
 //
 // With a state pool (p.state_indices, a separate instantiation: the contiguous kernels are unchanged),
-// row b's state is pool slot state_indices[b]: every block reads that index once, after the wait (it
-// is device data a previous kernel may write), and takes the slot's S and z. A padding row (-1)
+// row b's state is pool slot state_indices[b]: every block reads that index after the wait (it is
+// device data a previous kernel may write) and takes the slot's S and z; a small batch's blocks also
+// guess it before the wait (kGuess, below). A padding row (-1)
 // writes zeros and an out-of-range index NaN to its output and nothing else; the index depends on b
 // alone, so all blocks of a cluster leave together and none waits at the cluster barrier.
 #include "based_decode.h"
@@ -127,16 +128,43 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0)
   const int cv = tid % T::kVecsPerRow;  // which 16-byte column slice of a row
   const int row0 = tid / T::kVecsPerRow;
 
+  // kGuess (pooled, PDL, a head split over blocks: the small, latency-bound batches): the slot is guessed
+  // before the wait (the previous grid may still be writing state_indices) and the state loads are aimed
+  // at the guess, so they go out right after the wait as in the contiguous kernel; the index read after
+  // the wait decides, and a missed guess reloads. Measured on H100 (perf/notes/based_decode.md): 3 % off
+  // B = 1; with one block per head it cost up to 3 % (fp32 state, B = 16 and 64), so there the index is
+  // read after the wait alone.
+  constexpr bool kGuess = kPooled && kPdl && kSplit > 1;
+  int guess = 0;
+  bool guessed = false;
+  if constexpr (kGuess) {
+    guess = ld_relaxed_gpu_b32(p.state_indices + b);
+    guessed = unsigned(guess) < unsigned(p.P);
+  }
+  int64_t state_head = kGuess ? int64_t(guessed ? guess : 0) * p.H + h : head;  // flat slot * H + h
+  St* S = static_cast<St*>(p.S) + state_head * (kF * kValueDim) + col0 + cv * kVec;
+
   // cudaGridDependencySynchronize(): the previous kernel (maybe the previous step on this very state)
-  // has completed and its writes are visible. The pooled kernel computes its index's address first
+  // has completed and its writes are visible. The pooled kernel computes the address it loads first
   // (the wait is predicated on it, else ptxas hoists the wait above that arithmetic).
-  if constexpr (kPdl && kPooled) griddep_wait_after(reinterpret_cast<uint64_t>(p.state_indices + b));
+  if constexpr (kPdl && kPooled)
+    griddep_wait_after(kGuess ? reinterpret_cast<uint64_t>(S) : reinterpret_cast<uint64_t>(p.state_indices + b));
   if constexpr (kPdl && !kPooled) griddep_wait();
 
-  int64_t state_head = head;  // flat (row or pool slot) * H + h of this block's S and z
+  // Issue every state load first; nothing below the barrier depends on them until the update.
+  uint4 s_raw[T::kIters];
+  const auto load_state = [&] {
+#pragma unroll
+    for (int i = 0; i < T::kIters; ++i) {
+      const int row = row0 + i * T::kRowsPerPass;
+      s_raw[i] = row < kF ? __ldcs(reinterpret_cast<const uint4*>(S + row * kValueDim))
+                          : make_uint4(0, 0, 0, 0);
+    }
+  };
   if constexpr (kPooled) {
     // A volatile load (ptx.h), so it stays below the wait.
     int slot = AK_MUTANT(decode_pool_index_ignored) ? int(b) : ld_global_b32(p.state_indices + b);
+    if (guessed) load_state();
     if (AK_MUTANT(decode_pool_padding_written) && slot == -1) slot = p.P - 1;
     if (AK_MUTANT(decode_pool_bad_index_written) && slot != -1) slot = min(max(slot, 0), p.P - 1);
     if (unsigned(slot) >= unsigned(p.P)) {  // -1: padding, o = 0; anything else out of range: NaN
@@ -145,17 +173,13 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0)
             slot == -1 ? uint16_t(0) : uint16_t(0x7fff);  // 0x7fff: NaN in fp16 and bf16
       return;
     }
-    state_head = int64_t(slot) * p.H + h;
-  }
-
-  // Issue every state load first; nothing below the barrier depends on them until the update.
-  St* S = static_cast<St*>(p.S) + state_head * (kF * kValueDim) + col0 + cv * kVec;
-  uint4 s_raw[T::kIters];
-#pragma unroll
-  for (int i = 0; i < T::kIters; ++i) {
-    const int row = row0 + i * T::kRowsPerPass;
-    s_raw[i] = row < kF ? __ldcs(reinterpret_cast<const uint4*>(S + row * kValueDim))
-                        : make_uint4(0, 0, 0, 0);
+    if (!guessed || (slot != guess && !AK_MUTANT(decode_pool_stale_guess))) {
+      state_head = int64_t(slot) * p.H + h;
+      S = static_cast<St*>(p.S) + state_head * (kF * kValueDim) + col0 + cv * kVec;
+      load_state();
+    }
+  } else {
+    load_state();
   }
   // cudaTriggerProgrammaticLaunchCompletion(): the next kernel's blocks may now be scheduled; they wait
   // above for this whole grid to finish. Placed after the wait, so at most two steps are resident.

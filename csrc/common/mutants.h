@@ -32,6 +32,7 @@
 #define AK_MUTANT_decode_pool_index_ignored 21  // state pool: row b uses slot b, not state_indices[b]
 #define AK_MUTANT_decode_pool_padding_written 22  // state pool: a padding row (-1) updates slot P - 1
 #define AK_MUTANT_decode_pool_bad_index_written 23  // state pool: an out-of-range index is clamped into [0, P)
+#define AK_MUTANT_decode_pool_stale_guess 57  // state pool: the slot read before the PDL wait is never checked
 // sliding_window_decode
 #define AK_MUTANT_swd_window_off_by_one 24  // the slot about to be overwritten is attended too (W + 1 keys)
 #define AK_MUTANT_swd_unwritten_slots 25   // slots never written (position < window - 1) are attended
