@@ -320,15 +320,18 @@ def test_pooled_graph_replays_with_new_indices(state_dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("writer_rows", [64, 1], ids=lambda r: f"writer_B{r}")
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "state_" + DTYPE_IDS[d])
-def test_pooled_indices_written_by_the_previous_kernel(state_dtype):
+def test_pooled_indices_written_by_the_previous_kernel(state_dtype, writer_rows):
     """A small batch's pooled kernel guesses its slot before waiting on the previous grid (PDL) and must
     correct the guess with the index read after the wait. Here the previous kernel writes the indices:
     state_indices is an int32 view of a sliding_window_decode cache slot that the call just before overwrites
     (its k_new holds the new indices' bits; that kernel lets its dependents launch before it writes). Whether
     a block saw the old indices is timing; whatever it saw, every step must give bitwise what contiguous
-    decode gives on the slots the new indices name, and leave the other slots alone."""
-    B1, H1, W1, e1, slot = 64, 16, 256, 128, 7  # the writer: several waves, its last CTA writes the indices
+    decode gives on the slots the new indices name, and leave the other slots alone. Two writers: several
+    waves (the decode's blocks start as its last CTAs retire) and 16 CTAs (the GPU is free for the decode's
+    clusters from the writer's trigger on)."""
+    B1, H1, W1, e1, slot = writer_rows, 16, 256, 128, 7  # the writer's last CTA writes the indices
     B, H, P, pairs = 4, 4, 40, 6  # 16 heads, 4 blocks each: the PDL-launched grid that guesses (kGuess)
     dt = torch.bfloat16
     c1 = [torch.randn(B1, H1, W1, e1, device="cuda").to(dt) for _ in range(2)]
