@@ -58,7 +58,8 @@ def test_matrix(B, H, N, W, e, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("strided", [False, True], ids=["bhnd", "bnhd"])
-@pytest.mark.parametrize("W,e", [(64, 64), (256, 128), (16, 128)], ids=["W64-e64", "W256-e128", "W16-e128"])
+@pytest.mark.parametrize("W,e", [(64, 64), (256, 64), (256, 128), (16, 128)],
+                         ids=["W64-e64", "W256-e64", "W256-e128", "W16-e128"])
 def test_long_sequence(W, e, strided):
     """N = 4097: 64 full query blocks and a one-row tail; B = 1, H = 2 (the float64 reference is N x N)."""
     run_dense(1, 2, 4097, W, e, torch.bfloat16, strided)

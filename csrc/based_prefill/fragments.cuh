@@ -12,6 +12,7 @@
 
 #include "../common/convert.h"
 #include "../common/mma.h"
+#include "../common/wgmma.h"
 #include "config.cuh"
 
 namespace attn_kernels {
@@ -23,13 +24,8 @@ __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uin
   lo = pack2<bf16>(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
 }
 
-// ---- wgmma ----------------------------------------------------------------------------------------
+// ---- wgmma (common/wgmma.h: fragments, issue helpers, descriptors) --------------------------------
 
-// Fragments per thread (warp w, lane = 4g + t), per warp the same as mma.sync m16n8:
-//   accumulator m64nN: d[4n + e] = D[16w + g + 8(e >> 1)][8n + 2t + (e & 1)]
-//   register A m64k16: a[j] = bf16x2 of A[16w + g + 8(j & 1)][2t + 8(j >> 1) + {0, 1}]
-// so the bf16 pairs of the state accumulators, in order, are the A registers of S^T.
-namespace GM = cute::SM90::GMMA;
 using AtomInter = GM::MMA_64x64x16_F32BF16BF16_RS<GM::Major::K, GM::Major::K>;  // bf16: S exceeds fp16
 template <typename T>  // products in the input type: o^T = V^T W^T, S^T += V^T phi(K) (two N pieces)
 struct Atoms {
@@ -43,28 +39,6 @@ struct Atoms<__half> {
   using Upd128 = GM::MMA_64x128x16_F32F16F16_SS<GM::Major::MN, GM::Major::MN>;
   using Upd32 = GM::MMA_64x32x16_F32F16F16_SS<GM::Major::MN, GM::Major::MN>;
 };
-
-template <class Atom, size_t... I>
-__device__ __forceinline__ void wgmma_ss(uint64_t da, uint64_t db, float* d, GM::ScaleOut scale_d,
-                                         std::index_sequence<I...>) {
-  Atom::fma(da, db, d[I]..., scale_d);
-}
-template <class Atom, size_t... I>
-__device__ __forceinline__ void wgmma_rs(const uint32_t* a, uint64_t db, float* d,
-                                         std::index_sequence<I...>) {
-  Atom::fma(a[0], a[1], a[2], a[3], db, d[I]..., GM::ScaleOut::One);
-}
-// Descriptor of tile (r_tile, kb) of shape R x 16 of a GMMA smem tensor (rows x K).
-template <GM::Major kMajor, int R, class Tensor>
-__device__ __forceinline__ uint64_t kblock_desc(const Tensor& t, int r_tile, int kb) {
-  using namespace cute;
-  return GM::make_gmma_desc<kMajor>(local_tile(t, Shape<Int<R>, _16>{}, make_coord(r_tile, kb)));
-}
-template <class T, int N>
-__device__ __forceinline__ void fence_regs(T (&r)[N]) {  // keep the compiler off wgmma operands in flight
-#pragma unroll
-  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
-}
 
 // ---- the running state's place in the registers ---------------------------------------------------
 

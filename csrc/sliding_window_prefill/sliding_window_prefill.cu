@@ -2,7 +2,7 @@
 // keys [i - W + 1, i] of its own sequence) and the ring-buffer fill of its last min(len, W) keys and
 // values (slot p % W), the state sliding_window_decode continues from. The kernel (kernel.cuh) is
 // W-aware: each 64-query block reads and multiplies only the keys its window reaches.
-//   kernel.cuh   the kernel (tiles, online softmax, output, ring fill)
+//   kernel.cuh   the kernel (tiles, online softmax, output, ring fill; wgmma at e = 64, mma.sync at 128)
 //   this file    the launcher
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,11 +17,11 @@ template <typename T, int kE>
 cudaError_t launch(const SlidingWindowPrefillParams& p, cudaStream_t stream) {
   using C = SwpCfg<kE>;
   const auto kernel = sliding_window_prefill_kernel<T, kE>;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  const int smem = C::kSmemBytes + C::kAlign;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.max_len + C::kBlockM - 1) / C::kBlockM, p.H, p.nseq);
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
+  kernel<<<grid, C::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
