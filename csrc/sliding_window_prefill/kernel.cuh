@@ -5,16 +5,17 @@
 // mma.sync m16n8k16 (e = 128). Query block [i0, i0 + 63] of a sequence starting at `start` needs
 // keys [k_lo, i0 + 63] with k_lo = max(start, i0 - W + 1): the CTA visits exactly those keys, in tiles
 // of 64 starting at k_lo (at most ceil((W + 63) / 64) tiles), so work and reads per query are O(W).
-// Each warp then skips, in a tile, every 16-key sub-block that is masked for all 16 of its rows (its
-// QK^T, exp2 and PV: 3 of 20 sub-blocks at W = 256, 3 of 8 at W = 64), and masks element by element
-// only the sub-blocks that straddle its diagonal or its window's trailing edge; the skipped work only
-// ever added exact zeros, so the output is what computing it gives.
-// K / V tiles go through shared memory with cp.async (double-buffered) and are read with ldmatrix
-// (V transposed; Q stays in registers) or by wgmma (the e = 64 tile layout below is GMMA's 128-byte
-// swizzle: K-major for Q and K, MN-major for V). wgmma multiplies whole tiles: there a warp's skipped
-// sub-blocks skip the mask and exp2 only and enter P V as zeros. Softmax is online, in float32, in log2 units (scale * log2(e)
-// folded into one multiply before exp2f). Masked scores are -inf; a row whose keys so far are all
-// masked exponentiates against 0 instead of its -inf running max (exp2(-inf - -inf) would be NaN).
+// Each warp then skips, in a tile, every 16-key sub-block that is masked for all 16 of its rows (3 of
+// 20 sub-blocks at W = 256, 3 of 8 at W = 64): mma.sync skips its QK^T, exp2 and PV; wgmma multiplies
+// whole tiles, so there it skips the mask and exp2 and enters P V as zeros. Only the sub-blocks that
+// straddle a warp's diagonal or its window's trailing edge are masked element by element; the skipped
+// work only ever added exact zeros, so the output is what computing it gives.
+// K / V tiles go through shared memory with cp.async (double-buffered); mma.sync reads them with
+// ldmatrix (V transposed; Q stays in registers), wgmma straight from the tiles (the e = 64 layout below
+// is GMMA's 128-byte swizzle: K-major for Q and K, MN-major for V). Softmax is online, in float32, in
+// log2 units (scale * log2(e) folded into one multiply before exp2f). Masked scores are -inf; a row whose
+// keys so far are all masked exponentiates against 0 instead of its -inf running max (exp2(-inf - -inf)
+// would be NaN).
 // The output tile is staged in shared memory and written with 16-byte stores, rows past the end of
 // the sequence never. The CTAs whose queries include the sequence's last W positions then copy those
 // keys and values (L2-resident: just loaded) into the ring buffers at slot p % W.
@@ -48,9 +49,9 @@ struct SwpCfg {
   static constexpr int kAlign = kWgmma ? 1024 : 0;  // extra dynamic smem: wgmma tiles start 1 KB-aligned
 };
 
-// The wgmma path (e = 64; H100, session 17: 0.75x the mma.sync kernel's time at W = 256, 0.84x at W = 64,
-// 0.97x at W = 16, (4,16,32768) bf16): operand layouts over the tiles of tile_off<64> (one 128-byte row per key or
-// query, 16-byte chunks XOR row & 7), and the atoms (fp16 / bf16 products, float32 accumulators).
+// The wgmma path (e = 64; one H100: 0.75x the mma.sync kernel's time at W = 256, 0.84x at W = 64, 0.97x
+// at W = 16, (4,16,32768) bf16): operand layouts over the tiles of tile_off<64> (one 128-byte row per key
+// or query, 16-byte chunks XOR row & 7), and the atoms (fp16 / bf16 products, float32 accumulators).
 template <typename T>
 struct SwpWgmma {
   using E = cute::bfloat16_t;  // layouts and descriptors depend on the element size only
@@ -211,9 +212,9 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kb = 0; kb < kE / 16; ++kb)
-        wgmma_ss<typename G::QK>(kblock_desc<GM::Major::K, 64>(tq_, 0, kb), kblock_desc<GM::Major::K, 64>(tk_, 0, kb),
-                                 sf, kb == 0 ? GM::ScaleOut::Zero : GM::ScaleOut::One,
-                                 std::make_index_sequence<32>{});
+        wgmma_ss<typename G::QK>(kblock_desc<GM::Major::K, 64>(tq_, 0, kb),
+                                 kblock_desc<GM::Major::K, 64>(tk_, 0, kb), sf,
+                                 kb == 0 ? GM::ScaleOut::Zero : GM::ScaleOut::One, std::make_index_sequence<32>{});
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
       fence_regs(sf);
