@@ -70,7 +70,6 @@ struct SwpWgmma {
   }
 };
 
-
 // Byte offset of 16-byte chunk `chunk` of row `row` in a tile: the chunk index is XORed with row & 7,
 // so the 8 rows that one ldmatrix matrix reads at one logical chunk fall in 8 different bank groups.
 template <int kE>
