@@ -148,7 +148,8 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0)
   // has completed and its writes are visible. The pooled kernel computes the address it loads first
   // (the wait is predicated on it, else ptxas hoists the wait above that arithmetic).
   if constexpr (kPdl && kPooled)
-    griddep_wait_after(kGuess ? reinterpret_cast<uint64_t>(S) : reinterpret_cast<uint64_t>(p.state_indices + b));
+    griddep_wait_after(kGuess ? reinterpret_cast<uint64_t>(S)
+                              : reinterpret_cast<uint64_t>(p.state_indices + b));
   if constexpr (kPdl && !kPooled) griddep_wait();
 
   // Issue every state load first; nothing below the barrier depends on them until the update.
