@@ -1,21 +1,18 @@
 // sliding_window_prefill, part of sliding_window_prefill.cu (included there only): the kernel.
 //
-// One CTA per (query block of 64, head, sequence), 4 warps of 16 query rows each: FlashAttention-2's
-// forward with wgmma m64n64k16 (e = 64: S = Q K^T from shared memory, O += P V with P from registers) or
-// mma.sync m16n8k16 (e = 128). Query block [i0, i0 + 63] of a sequence starting at `start` needs
-// keys [k_lo, i0 + 63] with k_lo = max(start, i0 - W + 1): the CTA visits exactly those keys, in tiles
-// of 64 starting at k_lo (at most ceil((W + 63) / 64) tiles), so work and reads per query are O(W).
-// Each warp then skips, in a tile, every 16-key sub-block that is masked for all 16 of its rows (3 of
-// 20 sub-blocks at W = 256, 3 of 8 at W = 64): mma.sync skips its QK^T, exp2 and PV; wgmma multiplies
-// whole tiles, so there it skips the mask and exp2 and enters P V as zeros. Only the sub-blocks that
-// straddle a warp's diagonal or its window's trailing edge are masked element by element; the skipped
-// work only ever added exact zeros, so the output is what computing it gives.
-// K / V tiles go through shared memory with cp.async (double-buffered); mma.sync reads them with
-// ldmatrix (V transposed; Q stays in registers), wgmma straight from the tiles (the e = 64 layout below
-// is GMMA's 128-byte swizzle: K-major for Q and K, MN-major for V). Softmax is online, in float32, in
-// log2 units (scale * log2(e) folded into one multiply before exp2f). Masked scores are -inf; a row whose
-// keys so far are all masked exponentiates against 0 instead of its -inf running max (exp2(-inf - -inf)
-// would be NaN).
+// One CTA per (query block of 64, head, sequence), one warpgroup (4 warps of 16 query rows):
+// FlashAttention-2's forward with wgmma, S = Q K^T (m64n64k16, both operands in shared memory) and
+// O += P V (m64n{e}k16, P from registers). Query block [i0, i0 + 63] of a sequence starting at `start`
+// needs keys [k_lo, i0 + 63] with k_lo = max(start, i0 - W + 1): the CTA visits exactly those keys, in
+// tiles of 64 starting at k_lo (at most ceil((W + 63) / 64) tiles), so work and reads per query are O(W).
+// wgmma multiplies whole tiles; each warp then skips, in a tile, the mask and exp2 of every 16-key
+// sub-block masked for all 16 of its rows (3 of 20 sub-blocks at W = 256, 3 of 8 at W = 64), which enter
+// P V as zeros, and masks element by element only the sub-blocks that straddle its diagonal or its
+// window's trailing edge.
+// K / V tiles go through shared memory with cp.async (double-buffered) in GMMA's 128-byte swizzle (K-major
+// for Q and K, MN-major for V). Softmax is online, in float32, in log2 units (scale * log2(e) folded
+// into one multiply before exp2f). Masked scores are -inf; a row whose keys so far are all masked
+// exponentiates against 0 instead of its -inf running max (exp2(-inf - -inf) would be NaN).
 // The output tile is staged in shared memory and written with 16-byte stores, rows past the end of
 // the sequence never. The CTAs whose queries include the sequence's last W positions then copy those
 // keys and values (L2-resident: just loaded) into the ring buffers at slot p % W.
@@ -25,7 +22,6 @@
 #include <type_traits>
 
 #include "../common/convert.h"
-#include "../common/mma.h"
 #include "../common/ptx.h"
 #include "../common/wgmma.h"
 #include "sliding_window_prefill.h"
@@ -43,38 +39,42 @@ struct SwpCfg {
   static constexpr int kTileBytes = kBlockN * kE * 2;      // one 64-row tile of fp16 / bf16
   static constexpr int kSmemBytes = 5 * kTileBytes;        // Q (then O), K x 2, V x 2
   static constexpr int kLoadsPerThread = kBlockN * kChunks / kThreads;
-  static constexpr int kMinBlocks = kE == 64 ? 4 : 2;      // by shared memory (40 / 80 KB a CTA)
-  // e = 64: wgmma (a tile row is one 128-byte swizzle atom); e = 128: mma.sync.
-  static constexpr bool kWgmma = kE == 64;
-  static constexpr int kAlign = kWgmma ? 1024 : 0;  // extra dynamic smem: wgmma tiles start 1 KB-aligned
+  static constexpr int kMinBlocks = kE == 64 ? 4 : 2;      // by shared memory (41 / 81 KB a CTA)
+  static constexpr int kAlign = 1024;  // extra dynamic smem: the swizzled tiles start 1 KB-aligned
 };
 
-// The wgmma path (e = 64; one H100: 0.75x the mma.sync kernel's time at W = 256, 0.84x at W = 64, 0.97x
-// at W = 16, (4,16,32768) bf16): operand layouts over the tiles of tile_off<64> (one 128-byte row per key
-// or query, 16-byte chunks XOR row & 7), and the atoms (fp16 / bf16 products, float32 accumulators).
-template <typename T>
+// The tiles' layouts as CuTe sees them (for the descriptors), over tile_off's bytes, and the atoms (fp16 /
+// bf16 products, float32 accumulators). e = 128 rows are two 128-byte atoms: columns 64-127 of all 64 rows
+// follow columns 0-63 (8 KB on).
+template <typename T, int kE>
 struct SwpWgmma {
   using E = cute::bfloat16_t;  // layouts and descriptors depend on the element size only
   using RowTile = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
-                                               cute::Shape<cute::_64, cute::_64>{}));  // (query or key, e)
+                                               cute::Shape<cute::_64, cute::Int<kE>>{}));  // (query or key, e)
   using VTile = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<E>{},
-                                             cute::Shape<cute::_64, cute::_64>{}));  // (e, key)
+                                             cute::Shape<cute::Int<kE>, cute::_64>{},
+                                             cute::Step<cute::_2, cute::_1>{}));  // (e, key): key blocks inner
   static constexpr bool kHalf = std::is_same_v<T, __half>;
   using QK = std::conditional_t<kHalf, GM::MMA_64x64x16_F32F16F16_SS<GM::Major::K, GM::Major::K>,
                                 GM::MMA_64x64x16_F32BF16BF16_SS<GM::Major::K, GM::Major::K>>;
-  using PV = std::conditional_t<kHalf, GM::MMA_64x64x16_F32F16F16_RS<GM::Major::K, GM::Major::MN>,
-                                GM::MMA_64x64x16_F32BF16BF16_RS<GM::Major::K, GM::Major::MN>>;
+  using PV64 = std::conditional_t<kHalf, GM::MMA_64x64x16_F32F16F16_RS<GM::Major::K, GM::Major::MN>,
+                                  GM::MMA_64x64x16_F32BF16BF16_RS<GM::Major::K, GM::Major::MN>>;
+  using PV128 = std::conditional_t<kHalf, GM::MMA_64x128x16_F32F16F16_RS<GM::Major::K, GM::Major::MN>,
+                                   GM::MMA_64x128x16_F32BF16BF16_RS<GM::Major::K, GM::Major::MN>>;
+  using PV = std::conditional_t<kE == 64, PV64, PV128>;
   template <class Layout>
   static __device__ __forceinline__ auto tensor(uint8_t* p) {
     return cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<E*>(p)), Layout{});
   }
 };
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile: the chunk index is XORed with row & 7,
-// so the 8 rows that one ldmatrix matrix reads at one logical chunk fall in 8 different bank groups.
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a 64-row tile: 128-byte rows of 8 chunks, the
+// chunk index XORed with row & 7 (GMMA's 128-byte swizzle); chunks 8-15 (e = 128) in a second 8 KB half.
 template <int kE>
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
-  return uint32_t(row * (kE * 2) + ((chunk ^ (row & 7)) << 4));
+  if constexpr (kE == 64) return uint32_t(row * 128 + ((chunk ^ (row & 7)) << 4));
+  return uint32_t((chunk >> 3) * 8192 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
 }
 
 // Rows [r0, r0 + 64) of a (., e) matrix (row stride sn) into a swizzled tile; rows from `hi` on (past
@@ -96,12 +96,10 @@ template <typename T, int kE>
 __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
     sliding_window_prefill_kernel(const SlidingWindowPrefillParams p) {
   using C = SwpCfg<kE>;
-  using G = SwpWgmma<T>;
-  constexpr bool kWgmma = C::kWgmma;
+  using G = SwpWgmma<T, kE>;
   extern __shared__ __align__(128) uint8_t smem_raw[];
-  // wgmma: dynamic shared memory is requested C::kAlign bytes larger, so the tiles start 1 KB-aligned.
-  uint8_t* smem = smem_raw;
-  if constexpr (kWgmma) smem += (C::kAlign - (saddr(smem_raw) & (C::kAlign - 1))) & (C::kAlign - 1);
+  // Dynamic shared memory is requested C::kAlign bytes larger, so the tiles start 1 KB-aligned.
+  uint8_t* const smem = smem_raw + ((C::kAlign - (saddr(smem_raw) & (C::kAlign - 1))) & (C::kAlign - 1));
   const int seq = blockIdx.z, h = blockIdx.y;
   int start = 0, end = p.N;
   if (p.cu_seqlens != nullptr) {
@@ -167,7 +165,6 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
   cp_async_commit();
 
   const float sl = p.scale * 1.4426950408889634f;  // scores in log2 units
-  uint32_t qf[kE / 16][4];
   float oacc[kE / 8][4] = {};
   float(&of)[kE / 2] = reinterpret_cast<float(&)[kE / 2]>(oacc);  // the same, as wgmma accumulators
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
@@ -189,12 +186,8 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
     }
     cp_async_commit();
     cp_async_wait<1>();  // this tile (and Q) landed; the prefetch may still be in flight
-    if constexpr (kWgmma) fence_proxy_async_smem();  // cp.async's writes, visible to wgmma's reads
+    fence_proxy_async_smem();  // cp.async's writes, visible to wgmma's reads
     __syncthreads();
-    if (!kWgmma && t == ntiles - 1) {
-#pragma unroll
-      for (int kc = 0; kc < kE / 16; ++kc) ldsm4(qf[kc], sQ + tile_off<kE>(16 * warp + lane % 16, 2 * kc + lane / 16));
-    }
     const uint32_t tK = sK + buf * C::kTileBytes, tV = sV + buf * C::kTileBytes;
     uint8_t* const pK = smem + (tK - sQ);
     uint8_t* const pV = smem + (tV - sQ);
@@ -204,7 +197,7 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
     auto full = [&](int pp) { return kt0 + 16 * pp + 15 <= qw && kt0 + 16 * pp > qw + 15 - reach; };
     float s[8][4] = {};  // S for this warp's 16 rows: 8 n-tiles of 8 keys, two per sub-block
     float(&sf)[32] = reinterpret_cast<float(&)[32]>(s);  // the same, as wgmma accumulators
-    if constexpr (kWgmma) {  // the whole 64 x 64 tile, for all four warps
+    {  // S = Q K^T over the whole 64 x 64 tile, for all four warps
       const auto tq_ = G::template tensor<typename G::RowTile>(smem);
       const auto tk_ = G::template tensor<typename G::RowTile>(pK);
       fence_regs(sf);
@@ -221,19 +214,6 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
     }
     const bool any = needed(0) || needed(1) || needed(2) || needed(3);
     if (any) {  // else: alpha = 1 (or 0 on zeros), no change
-      if constexpr (!kWgmma) {  // S = Q K^T (each accumulator sums kc in the same order)
-#pragma unroll
-        for (int pp = 0; pp < 4; ++pp) {
-          if (!needed(pp)) continue;
-#pragma unroll
-          for (int kc = 0; kc < kE / 16; ++kc) {
-            uint32_t kb[4];
-            ldsm4(kb, tK + tile_off<kE>(16 * pp + lane % 8 + (lane / 16) * 8, 2 * kc + (lane / 8) % 2));
-            mma_16816<T>(s[2 * pp], qf[kc], kb[0], kb[1]);
-            mma_16816<T>(s[2 * pp + 1], qf[kc], kb[2], kb[3]);
-          }
-        }
-      }
 
       // Mask (causality, window), scale, running max of rows g and g + 8.
       float mx[2] = {m[0], m[1]};
@@ -288,26 +268,8 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
           }
         }
       }
-
-      // O += P V: P's accumulators repacked as A fragments, V read transposed.
-      if constexpr (!kWgmma) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          if (!needed(kk)) continue;
-          const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-          for (int pp = 0; pp < kE / 16; ++pp) {
-            uint32_t vb[4];
-            ldsm4_t(vb, tV + tile_off<kE>(16 * kk + lane % 8 + ((lane / 8) % 2) * 8, 2 * pp + lane / 16));
-            mma_16816<T>(oacc[2 * pp], pa, vb[0], vb[1]);
-            mma_16816<T>(oacc[2 * pp + 1], pa, vb[2], vb[3]);
-          }
-        }
-      }
     }
-    if constexpr (kWgmma) {  // O += P V over the whole tile; a skipped sub-block (or warp) enters as P = 0
+    {  // O += P V over the whole tile; a skipped sub-block (or warp) enters as P = 0
       uint32_t pa[16];
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
@@ -323,8 +285,8 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_rs<typename G::PV>(&pa[4 * kk], kblock_desc<GM::Major::MN, 64>(tv_, 0, kk), of,
-                                 std::make_index_sequence<32>{});
+        wgmma_rs<typename G::PV>(&pa[4 * kk], kblock_desc<GM::Major::MN, kE>(tv_, 0, kk), of,
+                                 std::make_index_sequence<kE / 2>{});
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
       fence_regs(of);

@@ -2,7 +2,7 @@
 // keys [i - W + 1, i] of its own sequence) and the ring-buffer fill of its last min(len, W) keys and
 // values (slot p % W), the state sliding_window_decode continues from. The kernel (kernel.cuh) is
 // W-aware: each 64-query block reads and multiplies only the keys its window reaches.
-//   kernel.cuh   the kernel (tiles, online softmax, output, ring fill; wgmma at e = 64, mma.sync at 128)
+//   kernel.cuh   the kernel (tiles, wgmma products, online softmax, output, ring fill)
 //   this file    the launcher
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
