@@ -49,11 +49,12 @@ struct SwpCfg {
 template <typename T, int kE>
 struct SwpWgmma {
   using E = cute::bfloat16_t;  // layouts and descriptors depend on the element size only
+  // (query or key, e), and (e, key) with the key blocks inner:
   using RowTile = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
-                                               cute::Shape<cute::_64, cute::Int<kE>>{}));  // (query or key, e)
+                                               cute::Shape<cute::_64, cute::Int<kE>>{}));
   using VTile = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<E>{},
                                              cute::Shape<cute::Int<kE>, cute::_64>{},
-                                             cute::Step<cute::_2, cute::_1>{}));  // (e, key): key blocks inner
+                                             cute::Step<cute::_2, cute::_1>{}));
   static constexpr bool kHalf = std::is_same_v<T, __half>;
   using QK = std::conditional_t<kHalf, GM::MMA_64x64x16_F32F16F16_SS<GM::Major::K, GM::Major::K>,
                                 GM::MMA_64x64x16_F32BF16BF16_SS<GM::Major::K, GM::Major::K>>;
