@@ -69,7 +69,6 @@ struct SwpWgmma {
   }
 };
 
-
 // Byte offset of 16-byte chunk `chunk` of row `row` in a 64-row tile: 128-byte rows of 8 chunks, the
 // chunk index XORed with row & 7 (GMMA's 128-byte swizzle); chunks 8-15 (e = 128) in a second 8 KB half.
 template <int kE>
