@@ -171,9 +171,9 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
 
   // This warp's rows [qw, qw + 15] attend keys [key_lo, key_hi] at most (rows past the end none: keys
   // are >= 0, so key_hi = -1 skips everything). A 16-key sub-block outside that range is masked for all
-  // 16 rows: its work is skipped (mma.sync: QK^T, exp2 and PV; wgmma: the mask and exp2, and it enters P V
-  // as zeros), which would only add exact zeros (max with -inf, l + 0, P = 0), so the output is bitwise
-  // what computing it gives. A sub-block inside for every row ("full") needs no per-element mask.
+  // 16 rows: its mask and exp2 are skipped and it enters P V as zeros, which is what computing it would
+  // give (max with -inf, l + 0, P = 0), so the output is bitwise the same. A sub-block inside for every
+  // row ("full") needs no per-element mask.
   const int qw = i0 + 16 * warp;
   const int key_lo = qw - reach + 1 + (AK_MUTANT(swp_subblock_skip_off_by_one) ? 16 : 0);
   const int key_hi = qw < q_hi ? min(qw + 15, q_hi - 1) : -1;
