@@ -52,6 +52,7 @@
 #define AK_MUTANT_swp_bad_index_computed 38  // an out-of-range cache index gives computed outputs, not NaN
 #define AK_MUTANT_swp_subblock_skip_off_by_one 53  // a warp also skips the oldest 16-key sub-block its window reaches
 #define AK_MUTANT_swp_wgmma_skip_not_zeroed 58  // wgmma path: a skipped sub-block enters P V as its raw scores, not 0
+#define AK_MUTANT_swp_e128_qk_first_atom_only 59  // e = 128: S = Q K^T sums head dims 0-63 only (second atom skipped)
 // based_prefill_backward
 #define AK_MUTANT_bwd_causal_diag 39      // the backward's causal mask drops the diagonal (A, ds: key < query)
 #define AK_MUTANT_bwd_tail_dropped 40     // both sweeps skip the last partial chunk of 64 tokens

@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
       fence_regs(sf);
       cute::warpgroup_arrive();
 #pragma unroll
-      for (int kb = 0; kb < kE / 16; ++kb)
+      for (int kb = 0; kb < (AK_MUTANT(swp_e128_qk_first_atom_only) ? 4 : kE / 16); ++kb)
         wgmma_ss<typename G::QK>(kblock_desc<GM::Major::K, 64>(tq_, 0, kb),
                                  kblock_desc<GM::Major::K, 64>(tk_, 0, kb), sf,
                                  kb == 0 ? GM::ScaleOut::Zero : GM::ScaleOut::One,
