@@ -1,5 +1,5 @@
-"""The plots of a stored perf run (matplotlib, Agg): time vs size per op against the floor, and generation
-tokens/s. Written by `python -m perf.report` (perf/report.py) as plots/<gpu-slug>/<name>.png; deterministic
+"""The plots of a stored perf run (matplotlib, Agg): time vs size per op against the floor, sliding-window
+prefill time per shape, and generation tokens/s. Written by `python -m perf.report` (perf/report.py) as plots/<gpu-slug>/<name>.png; deterministic
 bytes (no version stamp, no timestamp), so an unchanged run regenerates identical PNGs.
 """
 from __future__ import annotations
@@ -35,11 +35,16 @@ PLOTS = (
              "sliding_window_decode", (("window", 64), ("e", 64), ("H", 16)), "B", "batch B"),
 )
 GENERATION_PLOT = "generation_tokens_per_s"
+# sliding_window_prefill's shapes vary several keys at once (B, N, window, e), so no axis fits them: bars per shape.
+SWP_PLOT = "sliding_window_prefill_by_shape"
 
 
 def plot_names(run: Run) -> list[str]:
-    """The plots this run has data for, in PLOTS order (the generation plot last)."""
+    """The plots this run has data for, in PLOTS order (then the sliding-window prefill bars, the generation
+    plot last)."""
     names = [s.name for s in PLOTS if run.select(s.op, **dict(s.fixed))]
+    if run.select("sliding_window_prefill"):
+        names.append(SWP_PLOT)
     if any(b.tokens_per_s for b in run.select("based_generation")):
         names.append(GENERATION_PLOT)
     return names
@@ -141,6 +146,31 @@ def _generation_plot(run: Run, path: Path) -> None:
     _save(fig, plt, path)
 
 
+def _swp_plot(run: Run, path: Path) -> None:
+    benches = run.select("sliding_window_prefill")
+    shapes = sorted({b.shape for b in benches}, key=lambda s: (dict(s)["e"], dict(s)["window"], s))
+    impls = _impls_sorted(benches)
+    fig, ax, plt = _new_figure(run, "sliding_window_prefill: time per shape (bf16; ours includes the ring-buffer "
+                                    "fill)")
+    cmap = plt.get_cmap("tab10")
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        med = {b.shape: b.median_us for b in benches if b.impl == impl}
+        xs = [k + (i - (len(impls) - 1) / 2) * width for k, s in enumerate(shapes) if s in med]
+        ax.bar(xs, [med[s] for s in shapes if s in med], width=width, color=cmap(i % 10), label=impl,
+               edgecolor="black" if impl.split("-", 1)[0] in OURS else None)
+    for k, shape in enumerate(shapes):
+        floor = next(b.floor_us for b in benches if b.shape == shape)
+        ax.hlines(floor, k - 0.45, k + 0.45, color="black", lw=1.2, label="floor" if k == 0 else None, zorder=3)
+    labels = [shape_label(s).replace(" N", "\nN").replace(" W", "\nW") for s in shapes]
+    ax.set_xticks(range(len(shapes)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time per call (µs, log)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    _save(fig, plt, path)
+
+
 def write_plots(run: Run, plot_dir: Path) -> list[Path]:
     """Every plot the run has data for, as plot_dir/<name>.png."""
     written = []
@@ -148,6 +178,8 @@ def write_plots(run: Run, plot_dir: Path) -> list[Path]:
         path = Path(plot_dir) / f"{name}.png"
         if name == GENERATION_PLOT:
             _generation_plot(run, path)
+        elif name == SWP_PLOT:
+            _swp_plot(run, path)
         else:
             _line_plot(run, next(s for s in PLOTS if s.name == name), path)
         written.append(path)

@@ -407,3 +407,25 @@ def test_update_readme_rewrites_only_the_block(tmp_path):
     assert drift.update_readme(readme, drift.DATA)
     assert readme.read_text() == text
     assert not drift.update_readme(readme, drift.DATA)  # unchanged: not written again
+
+
+def test_sliding_window_prefill_bars(tmp_path):
+    """sliding_window_prefill's shapes vary B, N, window and e together: one bar plot of every shape."""
+    pytest.importorskip("matplotlib")
+    from perf import cost, figures
+
+    benchmarks = []
+    for shape in ({"B": 16, "H": 16, "N": 2048, "window": 64, "e": 64},
+                  {"B": 4, "H": 16, "N": 32768, "window": 256, "e": 128}):
+        nbytes = 4 * shape["B"] * shape["H"] * shape["N"] * shape["e"] * 2
+        for impl, median in (("attn_kernels", 1e-4), ("flex", 2e-4)):
+            info = {"op": "sliding_window_prefill", "impl": impl, "shape": shape, "bytes": nbytes, "flops": 0,
+                    "floor_us": cost.floor_us(nbytes, 0), "pct_of_floor": None}
+            benchmarks.append({"param": impl, "stats": {"median": median}, "extra_info": info})
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": benchmarks, "machine_info": {"gpu_slug": "g", "gpu_name": "G"}}))
+    run = runs.load_run(path)
+    assert figures.plot_names(run) == [figures.SWP_PLOT]
+    written = figures.write_plots(run, tmp_path / "plots")
+    assert [p.name for p in written] == [f"{figures.SWP_PLOT}.png"]
+    assert written[0].read_bytes()[:8] == PNG_MAGIC
