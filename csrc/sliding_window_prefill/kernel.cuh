@@ -214,7 +214,6 @@ __global__ void __launch_bounds__(SwpCfg<kE>::kThreads, SwpCfg<kE>::kMinBlocks)
     }
     const bool any = needed(0) || needed(1) || needed(2) || needed(3);
     if (any) {  // else: alpha = 1 (or 0 on zeros), no change
-
       // Mask (causality, window), scale, running max of rows g and g + 8.
       float mx[2] = {m[0], m[1]};
 #pragma unroll
