@@ -122,18 +122,23 @@ def _line_plot(run: Run, spec: PlotSpec, path: Path) -> None:
     _save(fig, plt, path)
 
 
+def _grouped_bars(ax, plt, shapes: list, values: dict[str, dict]) -> None:
+    """One group of bars per shape (x = its index), one bar per implementation ({impl: {shape: value}}, in
+    order: ours first)."""
+    cmap = plt.get_cmap("tab10")
+    width = 0.8 / len(values)
+    for i, (impl, by_shape) in enumerate(values.items()):
+        xs = [k + (i - (len(values) - 1) / 2) * width for k, s in enumerate(shapes) if s in by_shape]
+        ax.bar(xs, [by_shape[s] for s in shapes if s in by_shape], width=width, color=cmap(i % 10), label=impl)
+
+
 def _generation_plot(run: Run, path: Path) -> None:
     benches = [b for b in run.select("based_generation") if b.tokens_per_s]
     shapes = sorted({b.shape for b in benches})
     impls = _impls_sorted(benches)
     fig, ax, plt = _new_figure(run, "Generation: tokens/s of one mixer layer (Based vs softmax with a full "
                                     "KV cache)")
-    cmap = plt.get_cmap("tab10")
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        tps = {b.shape: b.tokens_per_s for b in benches if b.impl == impl}
-        xs = [k + (i - (len(impls) - 1) / 2) * width for k, s in enumerate(shapes) if s in tps]
-        ax.bar(xs, [tps[s] for s in shapes if s in tps], width=width, color=cmap(i % 10), label=impl)
+    _grouped_bars(ax, plt, shapes, {i: {b.shape: b.tokens_per_s for b in benches if b.impl == i} for i in impls})
     for k, (_, _, best, ratios) in enumerate(generation_rows(run)):
         if ratios:
             text = "\n".join(f"{i} = {r:.1f}× {best}" for i, r in sorted(ratios.items()))
@@ -152,13 +157,7 @@ def _swp_plot(run: Run, path: Path) -> None:
     impls = _impls_sorted(benches)
     fig, ax, plt = _new_figure(run, "sliding_window_prefill: time per shape (bf16; ours includes the ring-buffer "
                                     "fill)")
-    cmap = plt.get_cmap("tab10")
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        med = {b.shape: b.median_us for b in benches if b.impl == impl}
-        xs = [k + (i - (len(impls) - 1) / 2) * width for k, s in enumerate(shapes) if s in med]
-        ax.bar(xs, [med[s] for s in shapes if s in med], width=width, color=cmap(i % 10), label=impl,
-               edgecolor="black" if impl.split("-", 1)[0] in OURS else None)
+    _grouped_bars(ax, plt, shapes, {i: {b.shape: b.median_us for b in benches if b.impl == i} for i in impls})
     for k, shape in enumerate(shapes):
         floor = next(b.floor_us for b in benches if b.shape == shape)
         ax.hlines(floor, k - 0.45, k + 0.45, color="black", lw=1.2, label="floor" if k == 0 else None, zorder=3)
