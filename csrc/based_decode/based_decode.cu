@@ -142,7 +142,11 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0)
     guessed = unsigned(guess) < unsigned(p.P);
   }
   int64_t state_head = kGuess ? int64_t(guessed ? guess : 0) * p.H + h : head;  // flat slot * H + h
-  St* S = static_cast<St*>(p.S) + state_head * (kF * kValueDim) + col0 + cv * kVec;
+  // This thread's first state element of (row or pool slot) * H + h = sh.
+  const auto state_at = [&](int64_t sh) {
+    return static_cast<St*>(p.S) + sh * (kF * kValueDim) + col0 + cv * kVec;
+  };
+  St* S = state_at(state_head);
 
   // cudaGridDependencySynchronize(): the previous kernel (maybe the previous step on this very state)
   // has completed and its writes are visible. The pooled kernel computes the address it loads first
@@ -176,7 +180,7 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0)
     }
     if (!guessed || (slot != guess && !AK_MUTANT(decode_pool_stale_guess))) {
       state_head = int64_t(slot) * p.H + h;
-      S = static_cast<St*>(p.S) + state_head * (kF * kValueDim) + col0 + cv * kVec;
+      S = state_at(state_head);
       load_state();
     }
   } else {
