@@ -303,6 +303,7 @@ at::Tensor based_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_in, con
   p.dtype = dtype_of(q); p.state_dtype = dtype_of(S);
   p.state_indices = idx.defined() ? idx.data_ptr<int32_t>() : nullptr;
   p.P = int(rows);
+  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   C10_CUDA_CHECK(based_decode_launch(p, at::cuda::getCurrentCUDAStream()));
   return o;
 }

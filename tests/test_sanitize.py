@@ -21,8 +21,9 @@ def test_based_prefill(B, H, N):
         assert_written(name, t)
 
 
-@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32)],
-                         ids=["BH1", "BH21-bf16", "BH1024"])
+@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32),
+                                               (130, 16, torch.bfloat16)],
+                         ids=["BH1", "BH21-bf16", "BH1024", "BH2080-bf16-plain"])
 def test_based_decode(B, H, state_dtype):
     q, k = (torch.randn(B, H, 16, device="cuda", dtype=torch.float16) for _ in range(2))
     v = torch.randn(B, H, 64, device="cuda", dtype=torch.float16)
@@ -32,18 +33,20 @@ def test_based_decode(B, H, state_dtype):
     assert_written("o", o)
 
 
-@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32)],
-                         ids=["BH1", "BH21-bf16", "BH1024"])
+@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32),
+                                               (130, 16, torch.bfloat16)],
+                         ids=["BH1", "BH21-bf16", "BH1024", "BH2080-bf16-plain"])
 def test_based_decode_pooled(B, H, state_dtype):
-    """A pool of 2B + 2 slots; from B = 3 on, row 1 is padding (-1) and row 2 out of range (the op: no host
-    check), so whole clusters (splits > 1) leave early."""
+    """A pool of 2B + 2 slots; from B = 3 on, row 1 is padding (-1) and the last row out of range (the op: no
+    host check), so whole clusters (splits > 1) leave early, and at B*H = 2080 (launched without PDL) earlier
+    blocks skip prefetching the bad row's state."""
     P = 2 * B + 2
     q, k = (torch.randn(B, H, 16, device="cuda", dtype=torch.float16) for _ in range(2))
     v = torch.randn(B, H, 64, device="cuda", dtype=torch.float16)
     S, z = ak.empty_state(P, H, dtype=state_dtype, device="cuda")
     idx = torch.randperm(P, device="cuda")[:B].to(torch.int32)
     if B >= 3:
-        idx[1], idx[2] = -1, P + 5
+        idx[1], idx[-1] = -1, P + 5
     o = torch.ops.attn_kernels.based_decode(q, k, v, S, z, 0.25, True, 1e-6, idx)
     torch.cuda.synchronize()
     assert_written("o (rows with a slot)", o[(idx >= 0) & (idx < P)])

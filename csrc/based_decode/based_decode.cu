@@ -22,6 +22,11 @@
 // guess it before the wait (kGuess, below). A padding row (-1)
 // writes zeros and an out-of-range index NaN to its output and nothing else; the index depends on b
 // alone, so all blocks of a cluster leave together and none waits at the cluster barrier.
+//
+// Grids of more than ~2 waves (launched without PDL) run several waves of blocks, each fetching its state
+// only once it starts. There each block also prefetches into L2 the state of a block a few hundred places
+// later in launch order, which has not started yet: more requests in flight let DRAM schedule them better
+// (H100, perf/notes/based_decode.md "Prefetch": 1.4-3.1 % off pooled steps, 0.7-2 % off contiguous fp32 ones).
 #include "based_decode.h"
 
 #include <cuda_bf16.h>
@@ -104,6 +109,13 @@ __device__ void load_in_vec(const In* p, float (&x)[kN]) {
     x[2 * i + 1] = Half16<In>::to_float(uint16_t(w[i] >> 16));
   }
 }
+
+// How far ahead a block launched without PDL prefetches, in blocks per SM (0: no prefetch): the best of the
+// distances measured on H100 at B*H = 4096 and 16384 (perf/notes/based_decode.md, "Prefetch"); 8 per SM lost
+// 10-15 % (lines evicted from L2 before their block started). The contiguous kernel with a bf16 state gained
+// 2.5 % at B*H = 16384 but lost 0.6 % at 4096, so it does not prefetch.
+template <typename St, bool kPooled>
+constexpr int kAheadPerSm = kPooled ? (sizeof(St) == 2 ? 3 : 2) : (sizeof(St) == 2 ? 0 : 2);
 
 // PDL: at most 64 registers (4 blocks per SM), so a step's blocks and the next step's early-scheduled
 // ones fit on an SM together at B*H = 256 (2 + 2 blocks per SM). No minimum otherwise. The pooled kernel
@@ -189,6 +201,19 @@ __global__ void __launch_bounds__(256, kPdl ? 4 : 0)
   // cudaTriggerProgrammaticLaunchCompletion(): the next kernel's blocks may now be scheduled; they wait
   // above for this whole grid to finish. Placed after the wait, so at most two steps are resident.
   if constexpr (kPdl) griddep_launch_dependents();
+  // Thread f < 153 prefetches row f (every 128-byte line of it) of the later block's state.
+  if constexpr (!kPdl && kAheadPerSm<St, kPooled> > 0) {
+    const int64_t later = int64_t(blockIdx.x) + int64_t(kAheadPerSm<St, kPooled>) * p.num_sms;
+    if (later < int64_t(gridDim.x) && tid < kF) {
+      const int slot = kPooled ? ld_global_b32(p.state_indices + later / p.H) : int(later / p.H);
+      if (!kPooled || unsigned(slot) < unsigned(p.P)) {
+        const char* row = reinterpret_cast<const char*>(
+            static_cast<const St*>(p.S) + (int64_t(slot) * p.H + later % p.H) * (kF * kValueDim) + tid * kValueDim);
+#pragma unroll
+        for (int l = 0; l < int(kValueDim * sizeof(St)) / 128; ++l) prefetch_l2(row + 128 * l);
+      }
+    }
+  }
   float v[kVec];
   load_in_vec<In, kVec>(static_cast<const In*>(p.v) + b * p.v_sb + h * p.v_sh + col0 + cv * kVec, v);
 

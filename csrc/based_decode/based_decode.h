@@ -25,6 +25,7 @@ struct BasedDecodeParams {
   // (o = 0), outside [-1, P) = bad (o = NaN); neither reads or writes the pool.
   const int32_t* state_indices;
   int P;
+  int num_sms;  // multiprocessors of the current device: sets how far ahead plain grids prefetch
 };
 
 cudaError_t based_decode_launch(const BasedDecodeParams& p, cudaStream_t stream);
