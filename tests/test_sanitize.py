@@ -21,9 +21,14 @@ def test_based_prefill(B, H, N):
         assert_written(name, t)
 
 
-@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32),
-                                               (130, 16, torch.bfloat16)],
-                         ids=["BH1", "BH21-bf16", "BH1024", "BH2080-bf16-plain"])
+# B*H <= 1024: splits 8 / 4 / 1 with PDL. B*H = 2080: launched without PDL, prefetching a later block's state
+# (the contiguous kernel for an fp32 state, the pooled one for either).
+DECODE_BH = [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32)]
+DECODE_IDS = ["BH1", "BH21-bf16", "BH1024"]
+
+
+@pytest.mark.parametrize("B,H,state_dtype", DECODE_BH + [(130, 16, torch.float32)],
+                         ids=DECODE_IDS + ["BH2080-plain"])
 def test_based_decode(B, H, state_dtype):
     q, k = (torch.randn(B, H, 16, device="cuda", dtype=torch.float16) for _ in range(2))
     v = torch.randn(B, H, 64, device="cuda", dtype=torch.float16)
@@ -33,9 +38,8 @@ def test_based_decode(B, H, state_dtype):
     assert_written("o", o)
 
 
-@pytest.mark.parametrize("B,H,state_dtype", [(1, 1, torch.float32), (3, 7, torch.bfloat16), (64, 16, torch.float32),
-                                               (130, 16, torch.bfloat16)],
-                         ids=["BH1", "BH21-bf16", "BH1024", "BH2080-bf16-plain"])
+@pytest.mark.parametrize("B,H,state_dtype", DECODE_BH + [(130, 16, torch.bfloat16)],
+                         ids=DECODE_IDS + ["BH2080-bf16-plain"])
 def test_based_decode_pooled(B, H, state_dtype):
     """A pool of 2B + 2 slots; from B = 3 on, row 1 is padding (-1) and the last row out of range (the op: no
     host check), so whole clusters (splits > 1) leave early, and at B*H = 2080 (launched without PDL) earlier

@@ -55,7 +55,8 @@ __device__ __forceinline__ uint4 ld_global16(const void* ptr) {
   return v;
 }
 
-// A hint: fetch the 128-byte line at ptr into L2; no register, no fault, no effect on any value.
+// A hint: fetch the 128-byte line at ptr (an address inside an allocation) into L2; no register, no
+// effect on any value.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
