@@ -112,8 +112,8 @@ __device__ void load_in_vec(const In* p, float (&x)[kN]) {
 
 // How far ahead a block launched without PDL prefetches, in blocks per SM (0: no prefetch): the best of the
 // distances measured on H100 at B*H = 4096 and 16384 (perf/notes/based_decode.md, "Prefetch"); 8 per SM lost
-// 5-10 % against none (lines evicted from L2 before their block started). The contiguous kernel with a bf16 state gained
-// 2.5 % at B*H = 16384 but lost 0.6 % at 4096, so it does not prefetch.
+// 5-10 % against none (lines evicted from L2 before their block started). The contiguous kernel with a bf16
+// state gained 2.5 % at B*H = 16384 but lost 0.6 % at 4096, so it does not prefetch.
 template <typename St, bool kPooled>
 constexpr int kAheadPerSm = kPooled ? (sizeof(St) == 2 ? 3 : 2) : (sizeof(St) == 2 ? 0 : 2);
 
