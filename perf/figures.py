@@ -1,6 +1,7 @@
 """The plots of a stored perf run (matplotlib, Agg): time vs size per op against the floor, sliding-window
-prefill time per shape, and generation tokens/s. Written by `python -m perf.report` (perf/report.py) as plots/<gpu-slug>/<name>.png; deterministic
-bytes (no version stamp, no timestamp), so an unchanged run regenerates identical PNGs.
+prefill time per shape, and generation tokens/s. Written by `python -m perf.report` (perf/report.py) as
+plots/<gpu-slug>/<name>.png; deterministic bytes (no version stamp, no timestamp), so an unchanged run
+regenerates identical PNGs.
 """
 from __future__ import annotations
 
